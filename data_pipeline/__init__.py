@@ -1,0 +1,1 @@
+"""Teacher-logit dumps -> aligned top-k records -> grain batches."""

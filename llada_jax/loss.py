@@ -1,0 +1,223 @@
+"""Sparse top-k distillation losses with a tail bucket, computed through the LM head in chunks.
+
+Per target position the teacher is known on its top-k set S (student-vocab ids, log-probs at
+T = 1) plus a tail bucket tau holding the remaining mass p_tau = 1 - sum_S p_i. The student's full
+distribution q = softmax(logits / T) is collapsed onto the same K + 1 buckets, and a divergence is
+taken between the two (K + 1)-bucket distributions. With S = the whole vocabulary this is exactly
+the dense divergence (the tail bucket is empty on both sides).
+
+Temperature on the teacher side: only the top-k log-probs and the tail mass are stored, so the
+tempered teacher is softmax((log p_i / T)_S, log p_tau / T), treating the tail as one token. That
+is exact for T = 1 and for k = V; for other T and k < V it approximates the tempered tail (the true
+tempered tail mass is sum_{j in tail} p_j^(1/T) / Z, which the stored record cannot give). No T^2
+factor is applied (the original did not use one).
+
+The [B, L, V] logits are never materialised: `chunked_position_sums` runs the LM head and the
+per-position statistics over sequence chunks in a `lax.scan` whose body is under `jax.checkpoint`,
+so the backward pass recomputes one chunk's logits at a time. Results are (sum, count) pairs so
+they add up across microbatches and hosts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("kl", "reverse_kl", "jsd", "tvd")
+# Reverse KL needs log p where q > 0. A teacher bucket with zero mass (the tail of a renormalised
+# top-5 record) would make it infinite; such buckets are given this probability instead.
+REVERSE_KL_TEACHER_FLOOR = 1e-8
+NEG_INF = -jnp.inf
+
+# logits_bcv, teacher_ids_bck, teacher_logprobs_bck -> {name: [B, C] float32 per-position value}
+StatFn = Callable[[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x <= 0 (larger x is clamped to 0, giving -inf), stable on both ends."""
+    x = jnp.minimum(x, 0.0)
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _safe_logsumexp(x: jax.Array) -> jax.Array:
+    """logsumexp over the last axis; -inf with a zero (not NaN) gradient for an all -inf slice."""
+    empty = jnp.all(x == NEG_INF, axis=-1)
+    out = jax.nn.logsumexp(jnp.where(empty[..., None], 0.0, x), axis=-1)
+    return jnp.where(empty, NEG_INF, out)
+
+
+def _safe_logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
+    """logaddexp that keeps -inf (and a zero gradient) where both inputs are -inf."""
+    both = (a == NEG_INF) & (b == NEG_INF)
+    out = jnp.logaddexp(jnp.where(both, 0.0, a), jnp.where(both, 0.0, b))
+    return jnp.where(both, NEG_INF, out)
+
+
+def _student_tail_logits(z_nv: jax.Array, ids_nk: jax.Array, valid_nk: jax.Array) -> jax.Array:
+    """z with the top-k ids set to -inf (unused slots leave the vocab untouched): [N, V]."""
+    n, v = z_nv.shape
+    rows = jnp.arange(n)[:, None]
+    return z_nv.at[rows, jnp.where(valid_nk, ids_nk, v)].set(NEG_INF, mode="drop")
+
+
+def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,
+                    teacher_logprobs_nk: jax.Array, temperature: float = 1.0
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Teacher and student log-probabilities over the K + 1 buckets S ∪ {tail}, in fp32.
+
+    Args: logits_nv [..., V] student logits (any float dtype); teacher_ids_nk [..., K] int;
+    teacher_logprobs_nk [..., K] teacher log-probs at T = 1, -inf in unused slots.
+    Returns (logp, logq), each [..., K + 1] with the tail last; -inf marks an empty bucket.
+
+    The student's tail is a logsumexp over the complement of S (not log(1 - sum_S q)): it stays
+    accurate when the student puts almost all its mass on S, where 1 - sum_S q rounds to 0 in fp32
+    and a KL against a teacher tail would become infinite.
+    """
+    lead = logits_nv.shape[:-1]
+    k = teacher_ids_nk.shape[-1]
+    z_nv = logits_nv.reshape(-1, logits_nv.shape[-1]).astype(jnp.float32) / temperature
+    ids_nk = teacher_ids_nk.reshape(-1, k)
+    teacher_lp = jax.lax.stop_gradient(teacher_logprobs_nk.reshape(-1, k).astype(jnp.float32))
+    valid_nk = teacher_lp > NEG_INF
+
+    log_norm_n = jax.nn.logsumexp(z_nv, axis=-1)
+    logq_s = jnp.where(valid_nk, jnp.take_along_axis(z_nv, ids_nk, axis=-1)
+                       - log_norm_n[:, None], NEG_INF)
+    logq_tail = _safe_logsumexp(_student_tail_logits(z_nv, ids_nk, valid_nk)) - log_norm_n
+
+    # If S covers the whole student vocabulary there is no tail: rounding in the stored
+    # log-probs must not leave mass in a bucket the student cannot reach.
+    teacher_tail = jnp.where(logq_tail == NEG_INF, NEG_INF,
+                             _log1mexp(jax.nn.logsumexp(teacher_lp, axis=-1)))
+    logp = jax.nn.log_softmax(
+        jnp.concatenate([teacher_lp, teacher_tail[:, None]], axis=-1) / temperature, axis=-1)
+    logq = jnp.concatenate([logq_s, logq_tail[:, None]], axis=-1)
+    return logp.reshape(*lead, k + 1), logq.reshape(*lead, k + 1)
+
+
+def _plogratio(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """Elementwise p (log p - log q) with 0 log 0 = 0 and a NaN-free gradient."""
+    present = logp > NEG_INF
+    lp = jnp.where(present, logp, 0.0)
+    lq = jnp.where(present, logq, 0.0)
+    return jnp.where(present, jnp.exp(lp) * (lp - lq), 0.0)
+
+
+def divergence(logp: jax.Array, logq: jax.Array, kind: str = "kl",
+               beta: float = 0.5) -> jax.Array:
+    """Divergence between teacher p and student q given as log-probs over buckets [..., K+1] -> [...].
+
+    kind: 'kl' = KL(p || q) (forward, the original loss); 'reverse_kl' = KL(q || p), with empty
+    teacher buckets floored at REVERSE_KL_TEACHER_FLOOR; 'jsd' = beta KL(p || m) +
+    (1 - beta) KL(q || m), m = beta p + (1 - beta) q, 0 < beta < 1; 'tvd' = 0.5 sum |p - q|
+    (= 1 - alpha_upper, the acceptance-rate gap).
+    """
+    if kind == "kl":
+        return jnp.sum(_plogratio(logp, logq), axis=-1)
+    if kind == "reverse_kl":
+        floored = jnp.where(logp == NEG_INF, math.log(REVERSE_KL_TEACHER_FLOOR), logp)
+        return jnp.sum(_plogratio(logq, floored), axis=-1)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
+        logm = _safe_logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)
+        return (beta * jnp.sum(_plogratio(logp, logm), axis=-1)
+                + (1.0 - beta) * jnp.sum(_plogratio(logq, logm), axis=-1))
+    if kind == "tvd":
+        return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
+    raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
+                     "(config field loss.kind)")
+
+
+def _pad_seq(x: jax.Array, pad: int, value) -> jax.Array:
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _to_chunks(x: jax.Array, n_chunks: int) -> jax.Array:
+    """[B, n*C, ...] -> [n, B, C, ...] (the batch axis stays put, so its sharding does too)."""
+    b, l = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, n_chunks, l // n_chunks, *x.shape[2:]), 1, 0)
+
+
+def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.Array,
+                          teacher_ids_blk: jax.Array, teacher_logprobs_blk: jax.Array,
+                          bin_bl: jax.Array, *, n_bins: int, chunk_size: int
+                          ) -> dict[str, jax.Array]:
+    """Per-bin sums over positions of `stat_fn`'s values, with logits = hidden @ head per chunk.
+
+    bin_bl: int [B, L], the bin 0..n_bins-1 each position adds to, -1 = not counted.
+    Returns {name: [n_bins] float32 sum} for each statistic plus 'count': [n_bins] positions.
+
+    Chunks run along the sequence (all rows at once), so a batch axis sharded over devices stays
+    sharded inside every chunk. Each chunk's logits [B, chunk, V] are recomputed in the backward
+    pass (jax.checkpoint), so peak memory holds one chunk's logits, not [B, L, V].
+    """
+    seq_len = hidden_bld.shape[1]
+    chunk = max(1, min(int(chunk_size), seq_len))
+    n_chunks = -(-seq_len // chunk)
+    pad = n_chunks * chunk - seq_len
+    xs = (_to_chunks(_pad_seq(hidden_bld, pad, 0), n_chunks),
+          _to_chunks(_pad_seq(teacher_ids_blk, pad, 0), n_chunks),
+          _to_chunks(_pad_seq(teacher_logprobs_blk, pad, NEG_INF), n_chunks),
+          _to_chunks(_pad_seq(bin_bl.astype(jnp.int32), pad, -1), n_chunks))
+
+    @jax.checkpoint
+    def chunk_sums(head, h_bcd, ids_bck, lps_bck, bins_bc):
+        logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, head, preferred_element_type=jnp.float32)
+        stats = stat_fn(logits_bcv, ids_bck, lps_bck)
+        onehot_bcn = (bins_bc[..., None] == jnp.arange(n_bins)).astype(jnp.float32)
+        counted = (bins_bc >= 0)
+        sums = {name: jnp.einsum("bc,bcn->n", jnp.where(counted, v.astype(jnp.float32), 0.0),
+                                 onehot_bcn) for name, v in stats.items()}
+        sums["count"] = jnp.sum(onehot_bcn, axis=(0, 1))
+        return sums
+
+    def body(carry, chunk_xs):
+        return jax.tree.map(jnp.add, carry, chunk_sums(head_dv, *chunk_xs)), None
+
+    init = jax.eval_shape(chunk_sums, head_dv, *(x[0] for x in xs))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), init)
+    sums, _ = jax.lax.scan(body, init, xs)
+    return sums
+
+
+def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
+                 teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
+                 temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(sum over loss positions of the divergence, number of loss positions), both float32 [].
+
+    hidden_bld [B, L, D] final hidden states (after ln_f, any float dtype); head_dv [D, V];
+    teacher_ids_blk / teacher_logprobs_blk [B, L, K]; loss_mask_bl bool [B, L].
+    The mean loss is sum / count, with both summed over the global batch first.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
+                         "(config field loss.kind)")
+
+    def stat_fn(logits_bcv, ids_bck, lps_bck):
+        logp, logq = bucket_logprobs(logits_bcv, ids_bck, lps_bck, temperature)
+        return {"loss": divergence(logp, logq, kind, beta)}
+
+    bins_bl = jnp.where(loss_mask_bl, 0, -1)
+    sums = chunked_position_sums(stat_fn, hidden_bld, head_dv, teacher_ids_blk,
+                                 teacher_logprobs_blk, bins_bl, n_bins=1, chunk_size=chunk_size)
+    return sums["loss"][0], sums["count"][0]
+
+
+def dense_distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
+                       teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *,
+                       kind: str = "kl", temperature: float = 1.0, beta: float = 0.5
+                       ) -> tuple[jax.Array, jax.Array]:
+    """`distill_loss` with the full [B, L, V] logits in memory: the yardstick that the tests and
+    bench/loss_memory.py compare the chunked version against (values, gradients, memory)."""
+    logits_blv = jnp.einsum("bld,dv->blv", hidden_bld, head_dv,
+                            preferred_element_type=jnp.float32)
+    logp, logq = bucket_logprobs(logits_blv, teacher_ids_blk, teacher_logprobs_blk, temperature)
+    per_position = divergence(logp, logq, kind, beta)
+    return (jnp.sum(jnp.where(loss_mask_bl, per_position, 0.0)),
+            jnp.sum(loss_mask_bl).astype(jnp.float32))

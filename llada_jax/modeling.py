@@ -1,0 +1,221 @@
+"""LLaDA in Flax NNX: a LLaMA-style transformer, bidirectional by default, layers stacked.
+
+    cfg = ModelConfig.from_hf_config(json.load(open("config.json")))
+    model = LLaDAModel(cfg, rngs=nnx.Rngs(0))
+    logits_blv = model(tokens_bl)                                  # float32 [B, L, V]
+    hidden_bld = model(tokens_bl, return_hidden=True)              # after ln_f, compute dtype
+    head_dv = model.lm_head_weight()                               # logits == hidden @ head
+
+Per block (DESIGN.md): h = x + attn_out(Attn(attn_norm(x))); y = h + ff_out(silu(ff_proj(n)) *
+up_proj(n)) with n = ff_norm(h). Every block parameter is stacked on a leading 'layers' axis;
+the blocks run as one `jax.lax.scan` (or a Python loop, `scan_layers=False`) over a pure
+function of one layer's weights, optionally under `jax.checkpoint` (`remat_policy`).
+Params are stored in `param_dtype` and cast to the compute `dtype` where used.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llada_jax.config import ModelConfig
+from llada_jax.sharding import constrain
+
+# Block parameters: name -> logical axes after 'layers'. Shapes in LLaDAModel.__init__.
+BLOCK_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("norm",),
+    "q_proj": ("embed", "q_heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "attn_out": ("q_heads", "head_dim", "embed"),
+    "ff_norm": ("norm",),
+    "ff_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "ff_out": ("mlp", "embed"),
+}
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the weight matmuls' outputs, recompute attention scores and elementwise ops.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...],
+           dtype: jnp.dtype) -> nnx.Param:
+    """Normal(0.02) weights (ones for norms, rngs=None); logical axis names as metadata."""
+    value = (jnp.ones(shape, dtype) if rngs is None
+             else 0.02 * jax.random.normal(rngs.params(), shape, dtype))
+    # eager_sharding=False: the names are logical; sharding.param_shardings maps them to a mesh.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF order: normalise in fp32, cast back to x's dtype, then times weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_tables(positions_bl: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) float32 [B, L, head_dim] for the half-split rotation; positions absolute."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_bl.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_blhd: jax.Array, sin_bld: jax.Array, cos_bld: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin in fp32, rotate_half(x) = cat(-x2, x1)."""
+    x = x_blhd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_bld[:, :, None, :] + rotated * sin_bld[:, :, None, :]
+    return out.astype(x_blhd.dtype)
+
+
+def attention_mask(tokens_bl: jax.Array, segment_ids_bl: jax.Array | None,
+                   attention_mask_bl: jax.Array | None, causal: bool) -> jax.Array | None:
+    """bool [B, L(query), L(key)]: True where the query may attend to the key (None: all).
+
+    Keys that are padding (attention_mask 0, or segment 0) are hidden; packed segments see only
+    themselves. A query with no visible key (a padding row) still gets finite output.
+    """
+    batch, length = tokens_bl.shape
+    mask = None
+    if attention_mask_bl is not None:
+        mask = jnp.broadcast_to(attention_mask_bl.astype(bool)[:, None, :], (batch, length, length))
+    if segment_ids_bl is not None:
+        same = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
+        seg_mask = same & (segment_ids_bl[:, None, :] != 0)
+        mask = seg_mask if mask is None else mask & seg_mask
+    if causal:
+        lower = jnp.tril(jnp.ones((length, length), bool))[None]
+        mask = lower if mask is None else mask & lower
+    return mask
+
+
+def positions_from_segments(segment_ids_bl: jax.Array) -> jax.Array:
+    """int32 [B, L]: position within each run of equal segment ids (restarts at 0 per segment)."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids_bl.shape[1], dtype=jnp.int32), segment_ids_bl.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_bl[:, :1], bool),
+                              segment_ids_bl[:, 1:] != segment_ids_bl[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def xla_attention(q_blnh, k_blkh, v_blkh, mask_bqk):
+    """Reference attention: fp32 scores and softmax, GQA by grouping query heads per KV head."""
+    batch, length, n_heads, head_dim = q_blnh.shape
+    n_kv = k_blkh.shape[2]
+    q = q_blnh.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)  # head h = k * G + g
+    scores = jnp.einsum("bqkgh,bskh->bkgqs", q, k_blkh, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    if mask_bqk is not None:
+        # A large finite negative (not -inf): a fully masked row averages instead of giving NaN.
+        scores = jnp.where(mask_bqk[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_blkh.dtype)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_blkh)
+    return out.reshape(batch, length, n_heads, head_dim)
+
+
+def dot_product_attention(q_blnh, k_blkh, v_blkh, mask_bqk):
+    """jax.nn.dot_product_attention (cuDNN on GPU when it applies, XLA otherwise)."""
+    mask = None if mask_bqk is None else mask_bqk[:, None]
+    return jax.nn.dot_product_attention(q_blnh, k_blkh, v_blkh, mask=mask)
+
+
+# Name -> fn(q [B,L,N,hd], k [B,L,K,hd], v [B,L,K,hd], mask [B,L,L] | None) -> [B,L,N,hd].
+# A TPU splash-attention kernel registers here as "splash" (issue 7).
+ATTENTION_IMPLS: dict[str, Callable] = {
+    "xla": xla_attention,
+    "dot_product_attention": dot_product_attention,
+}
+
+
+def block_forward(cfg: ModelConfig, w: dict[str, jax.Array], x_bld: jax.Array,
+                  sin_bld: jax.Array, cos_bld: jax.Array, mask_bqk: jax.Array | None) -> jax.Array:
+    """One LLaMA-style block; `w` holds one layer's weights (param dtype), x in compute dtype."""
+    dtype = x_bld.dtype
+    cast = lambda name: w[name].astype(dtype)
+    normed = rms_norm(x_bld, w["attn_norm"], cfg.rms_norm_eps)
+    q = apply_rope(jnp.einsum("bld,dnh->blnh", normed, cast("q_proj")), sin_bld, cos_bld)
+    k = apply_rope(jnp.einsum("bld,dkh->blkh", normed, cast("k_proj")), sin_bld, cos_bld)
+    v = jnp.einsum("bld,dkh->blkh", normed, cast("v_proj"))
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    attn = ATTENTION_IMPLS[cfg.attention_impl](q, k, v, mask_bqk)
+    h = x_bld + jnp.einsum("blnh,nhd->bld", attn, cast("attn_out"))
+    h = constrain(h, ("batch", "length", "act_embed"))
+    normed = rms_norm(h, w["ff_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("bld,df->blf", normed, cast("ff_proj"))
+    up = jnp.einsum("bld,df->blf", normed, cast("up_proj"))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    y = h + jnp.einsum("blf,fd->bld", act, cast("ff_out"))
+    return constrain(y, ("batch", "length", "act_embed"))
+
+
+class LLaDAModel(nnx.Module):
+    """LLaDA / LLaMA-style transformer (see the module docstring for the call API)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        d, v, n_layers = cfg.d_model, cfg.embedding_size, cfg.n_layers
+        dims = {"norm": d, "embed": d, "q_heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
+                "head_dim": cfg.head_dim, "mlp": cfg.mlp_hidden_size}
+        self.wte = _param(rngs, (v, d), ("vocab", "embed"), dtype)
+        self.layers = nnx.Dict({
+            name: _param(None if name.endswith("norm") else rngs,
+                         (n_layers,) + tuple(dims[a] for a in axes), ("layers",) + axes, dtype)
+            for name, axes in BLOCK_AXES.items()})
+        self.ln_f = _param(None, (d,), ("norm",), dtype)
+        self.ff_out = None if cfg.weight_tying else _param(rngs, (d, v), ("embed", "vocab"), dtype)
+
+    def lm_head_weight(self) -> jax.Array:
+        """[D, V] in param dtype: ff_out's kernel, or wte.T when embeddings are tied."""
+        return self.wte[...].T if self.ff_out is None else self.ff_out[...]
+
+    def __call__(self, tokens_bl: jax.Array, positions_bl: jax.Array | None = None,
+                 segment_ids_bl: jax.Array | None = None, attention_mask_bl: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
+        """tokens int [B, L] -> logits float32 [B, L, V], or hidden [B, L, D] (compute dtype).
+
+        positions_bl: default arange(L), or restarting per segment when segment_ids_bl is given.
+        segment_ids_bl: 1..n packed examples, 0 padding (block-diagonal attention).
+        attention_mask_bl: 1 = real token, 0 = padding key (hidden from every query).
+        """
+        cfg = self.cfg
+        if positions_bl is None:
+            positions_bl = (jnp.broadcast_to(jnp.arange(tokens_bl.shape[1]), tokens_bl.shape)
+                            if segment_ids_bl is None else positions_from_segments(segment_ids_bl))
+        sin, cos = rope_tables(positions_bl, cfg.head_dim, cfg.rope_theta)
+        mask = attention_mask(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
+        x = jnp.take(self.wte[...], tokens_bl, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = self._run_layers(x, sin, cos, mask)
+        hidden = rms_norm(x, self.ln_f[...], cfg.rms_norm_eps)
+        if return_hidden:
+            return hidden
+        logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head_weight().astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def _run_layers(self, x_bld, sin_bld, cos_bld, mask_bqk) -> jax.Array:
+        cfg = self.cfg
+        stacked = {name: self.layers[name][...] for name in BLOCK_AXES}
+        step = functools.partial(block_forward, cfg)
+        if cfg.remat_policy != "none":
+            # prevent_cse only matters outside scan (scan already keeps the recomputation apart).
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat_policy],
+                                  prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            body = lambda x, w: (step(w, x, sin_bld, cos_bld, mask_bqk), None)
+            return jax.lax.scan(body, x_bld, stacked)[0]
+        for i in range(cfg.n_layers):
+            x_bld = step({name: w[i] for name, w in stacked.items()}, x_bld, sin_bld, cos_bld, mask_bqk)
+        return x_bld

@@ -1,0 +1,123 @@
+"""LLaDAModel vs an independent torch forward (tests/torch_reference.py), through the converter."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import hf_fixtures
+import torch_reference
+from llada_jax import params
+
+TOL = 1e-5
+
+CONFIGS = {
+    "mha_odd": hf_fixtures.hf_config(),                                   # d 48, 3 heads, V 61/64
+    "gqa": hf_fixtures.hf_config(d_model=48, n_heads=6, n_kv_heads=2, mlp_hidden_size=56),
+    "mqa_tied": hf_fixtures.hf_config(n_heads=4, n_kv_heads=1, weight_tying=True, n_layers=3),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def loaded(request, tmp_path_factory):
+    cfg = CONFIGS[request.param]
+    state = hf_fixtures.random_state(cfg, seed=1)
+    hf_dir = hf_fixtures.write_hf_dir(tmp_path_factory.mktemp(request.param), cfg, state)
+    _, model = params.load_hf(hf_dir, compute_dtype="float32")
+    return cfg, state, model
+
+
+def _variant(model, **changes):
+    """The same weights under other run settings (the fixture's model stays as it is)."""
+    other = nnx.clone(model)
+    other.cfg = model.cfg.replace(**changes)
+    return other
+
+
+def _tokens(batch, length, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def _reference(state, cfg, tokens, **kw):
+    kw = {k: torch.as_tensor(np.asarray(v)) for k, v in kw.items() if k != "causal"} | (
+        {"causal": True} if kw.get("causal") else {})
+    with torch.no_grad():
+        return torch_reference.forward(state, cfg, torch.as_tensor(tokens).long(), **kw).numpy()
+
+
+def _assert_close(ours, ref):
+    ours = np.asarray(ours)
+    assert 0.5 < np.abs(ref).max() < 10, "logits should be O(1) for a meaningful tolerance"
+    np.testing.assert_array_less(np.abs(ours - ref).max(), TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "dot_product_attention"])
+def test_logits_match_reference(loaded, impl):
+    cfg, state, model = loaded
+    model = _variant(model, attention_impl=impl)
+    tokens = _tokens(2, 11, cfg["vocab_size"])
+    _assert_close(model(jnp.asarray(tokens)), _reference(state, cfg, tokens))
+
+
+def test_padding_mask_matches_reference_and_unpadded_run(loaded):
+    cfg, state, model = loaded
+    tokens = _tokens(2, 9, cfg["vocab_size"], seed=1)
+    keep = np.ones((2, 9), bool)
+    keep[0, 6:] = False       # right padding
+    keep[1, :3] = False       # left padding
+    ours = np.asarray(model(jnp.asarray(tokens), attention_mask_bl=jnp.asarray(keep)))
+    _assert_close(ours, _reference(state, cfg, tokens, key_mask_bl=keep))
+    alone = _reference(state, cfg, tokens[:1, :6])  # the real tokens of row 0, no padding at all
+    np.testing.assert_array_less(np.abs(ours[0, :6] - alone[0]).max(), TOL)
+
+
+def test_packed_row_equals_examples_run_separately(loaded):
+    cfg, state, model = loaded
+    lengths = (5, 4)
+    tokens = _tokens(1, 12, cfg["vocab_size"], seed=2)
+    segments = np.array([[1] * 5 + [2] * 4 + [0] * 3], np.int32)
+    positions = np.array([list(range(5)) + list(range(4)) + [0] * 3], np.int32)
+    packed = np.asarray(model(jnp.asarray(tokens), positions_bl=jnp.asarray(positions),
+                              segment_ids_bl=jnp.asarray(segments)))
+    start = 0
+    for length in lengths:
+        alone = _reference(state, cfg, tokens[:, start:start + length])
+        _assert_close(packed[:, start:start + length], alone)
+        start += length
+    # Positions default to restarting per segment when only segment ids are given.
+    default_pos = model(jnp.asarray(tokens), segment_ids_bl=jnp.asarray(segments))
+    np.testing.assert_array_equal(np.asarray(default_pos)[:, :9], packed[:, :9])
+
+
+def test_causal_mode_matches_reference(loaded):
+    cfg, state, model = loaded
+    model = _variant(model, causal=True)
+    tokens = _tokens(2, 7, cfg["vocab_size"], seed=3)
+    _assert_close(model(jnp.asarray(tokens)), _reference(state, cfg, tokens, causal=True))
+
+
+def test_hidden_times_head_is_logits_and_padding_rows_are_finite(loaded):
+    cfg, state, model = loaded
+    tokens = jnp.asarray(_tokens(2, 6, cfg["vocab_size"], seed=4))
+    empty = jnp.zeros((2, 6), bool).at[1].set(True)   # row 0 is all padding
+    hidden = model(tokens, attention_mask_bl=empty, return_hidden=True)
+    logits = model(tokens, attention_mask_bl=empty)
+    assert np.isfinite(np.asarray(logits)).all()
+    head = model.lm_head_weight()
+    assert head.shape == (cfg["d_model"], cfg["embedding_size"])
+    np.testing.assert_allclose(np.asarray(hidden @ head), np.asarray(logits), rtol=0, atol=1e-6)
+    if cfg["weight_tying"]:
+        np.testing.assert_array_equal(np.asarray(head), state["model.transformer.wte.weight"].numpy().T)
+
+
+def test_bf16_compute_stays_close_to_fp32(loaded):
+    """bf16 compute (the training default) is a rounding of the same function, not another one."""
+    cfg, state, model = loaded
+    tokens = _tokens(2, 8, cfg["vocab_size"], seed=5)
+    ref = _reference(state, cfg, tokens)
+    model = _variant(model, dtype="bfloat16")
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 0.15
+    assert model(jnp.asarray(tokens), return_hidden=True).dtype == jnp.bfloat16

@@ -30,6 +30,10 @@ KINDS = ("kl", "reverse_kl", "jsd", "tvd")
 # Reverse KL needs log p where q > 0. A teacher bucket with zero mass (the tail of a renormalised
 # top-5 record) would make it infinite; such buckets are given this probability instead.
 REVERSE_KL_TEACHER_FLOOR = 1e-8
+# Stored top-k log-probs are fp32: a renormalised top-5 record sums to 1 only up to ~K ulps, so a
+# teacher tail below this is rounding noise and counts as an empty bucket (it matters for
+# reverse KL, where an empty teacher bucket is floored rather than taken at ~1e-7).
+TEACHER_TAIL_MIN = 1e-6
 NEG_INF = -jnp.inf
 
 # logits_bcv, teacher_ids_bck, teacher_logprobs_bck -> {name: [B, C] float32 per-position value}
@@ -90,8 +94,9 @@ def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,
 
     # If S covers the whole student vocabulary there is no tail: rounding in the stored
     # log-probs must not leave mass in a bucket the student cannot reach.
-    teacher_tail = jnp.where(logq_tail == NEG_INF, NEG_INF,
-                             _log1mexp(jax.nn.logsumexp(teacher_lp, axis=-1)))
+    teacher_tail = _log1mexp(jax.nn.logsumexp(teacher_lp, axis=-1))
+    teacher_tail = jnp.where((logq_tail == NEG_INF) | (teacher_tail < math.log(TEACHER_TAIL_MIN)),
+                             NEG_INF, teacher_tail)
     logp = jax.nn.log_softmax(
         jnp.concatenate([teacher_lp, teacher_tail[:, None]], axis=-1) / temperature, axis=-1)
     logq = jnp.concatenate([logq_s, logq_tail[:, None]], axis=-1)

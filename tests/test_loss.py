@@ -1,0 +1,226 @@
+"""Sparse top-k divergences against float64 NumPy references; chunked vs dense LM-head loss."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax import loss
+
+KINDS = loss.KINDS
+
+
+def np_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_plogratio(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a > 0, a * (np.log(np.where(a > 0, a, 1)) - np.log(b)), 0.0)
+
+
+def np_divergence(p, q, kind, beta=0.5):
+    """Reference divergences over the last axis, float64, written from the definitions."""
+    if kind == "kl":
+        return np_plogratio(p, q).sum(-1)
+    if kind == "reverse_kl":
+        return np_plogratio(q, np.where(p > 0, p, loss.REVERSE_KL_TEACHER_FLOOR)).sum(-1)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * np_plogratio(p, m).sum(-1) + (1 - beta) * np_plogratio(q, m).sum(-1)
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+def np_buckets(student_logits, ids, lps, temperature):
+    """(p, q) over S ∪ {tail}: teacher tail = 1 - sum p_S (0 below rounding level), tempered as p^(1/T) / Z; student
+    tail = the student's mass outside S, summed directly in float64."""
+    q = np_softmax(student_logits.astype(np.float64) / temperature)
+    valid = lps > -np.inf
+    q_s = np.where(valid, np.take_along_axis(q, ids, -1), 0.0)
+    p_s = np.where(valid, np.exp(lps.astype(np.float64)), 0.0)
+    p_tail = 1.0 - p_s.sum(-1, keepdims=True)
+    p_tail = np.where(p_tail < loss.TEACHER_TAIL_MIN, 0.0, p_tail)
+    w = np.concatenate([p_s, p_tail], -1) ** (1.0 / temperature)
+    return w / w.sum(-1, keepdims=True), np.concatenate([q_s, 1.0 - q_s.sum(-1, keepdims=True)], -1)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5):
+    logp, logq = loss.bucket_logprobs(logits, ids, lps, temperature)
+    return loss.divergence(logp, logq, kind, beta)
+
+
+def full_vocab_case(rng, n=6, v=40):
+    """Teacher = a full softmax given as k = V sorted log-probs; student logits [n, v] near it
+    (divergences O(0.1 - 1), where fp32 resolves 1e-6 absolute)."""
+    teacher_logits = 2.0 * rng.normal(size=(n, v))
+    student_logits = (teacher_logits + rng.normal(size=(n, v))).astype(np.float32)
+    lp = np.log(np_softmax(teacher_logits))
+    ids = np.argsort(-lp, -1).astype(np.int32)
+    return teacher_logits, student_logits, ids, np.take_along_axis(lp, ids, -1).astype(np.float32)
+
+
+def topk_case(rng, n=8, v=40, k=6):
+    """Top-k rows with a real tail; row 1 renormalised top-5 (tail 0); rows 2, 3 have -inf unused
+    slots (ids 0 there, as in the records); row 4 all unused (a non-target position)."""
+    student = (2.0 * rng.normal(size=(n, v))).astype(np.float32)
+    ids = np.stack([rng.permutation(v)[:k] for _ in range(n)]).astype(np.int32)
+    lp = np.sort(np.log(rng.dirichlet(np.full(v, 0.3), size=n)[:, :k]), -1)[:, ::-1].copy()
+    lp[1, :5] -= np.log(np.exp(lp[1, :5]).sum())
+    lp[1, 5:] = -np.inf
+    lp[2, 4:] = -np.inf
+    lp[3, 1:] = -np.inf
+    lp[4, :] = -np.inf
+    for row in (1, 2, 3, 4):
+        ids[row][lp[row] == -np.inf] = 0
+    return student, ids, lp.astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_equals_v_is_the_dense_divergence(kind, temperature):
+    teacher_logits, student, ids, lp = full_vocab_case(np.random.default_rng(0))
+    want = np_divergence(np_softmax(teacher_logits / temperature),
+                         np_softmax(student.astype(np.float64) / temperature), kind)
+    got = jax_divergence(student, ids, lp, kind, temperature)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_matches_bucket_reference(kind, temperature):
+    student, ids, lp = topk_case(np.random.default_rng(1))
+    p, q = np_buckets(student, ids, lp, temperature)
+    got = jax_divergence(student, ids, lp, kind, temperature)
+    np.testing.assert_allclose(got, np_divergence(p, q, kind), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+def test_jsd_beta(beta):
+    student, ids, lp = topk_case(np.random.default_rng(2))
+    p, q = np_buckets(student, ids, lp, 1.0)
+    got = jax_divergence(student, ids, lp, "jsd", 1.0, beta)
+    np.testing.assert_allclose(got, np_divergence(p, q, "jsd", beta), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_gradient_k_equals_v_is_q_minus_p(temperature):
+    teacher_logits, student, ids, lp = full_vocab_case(np.random.default_rng(3))
+    grad = jax.grad(lambda x: jax_divergence(x, ids, lp, "kl", temperature).sum())(
+        jnp.asarray(student))
+    want = (np_softmax(student.astype(np.float64) / temperature)
+            - np_softmax(teacher_logits / temperature)) / temperature
+    np.testing.assert_allclose(grad, want, rtol=0, atol=1e-6)
+
+
+def test_forward_kl_gradient_with_tail_bucket():
+    """d KL / d z_v = (q_v - p_v) / T on S and q_v (1 - p_tail / q_tail) / T off S."""
+    student, ids, lp = topk_case(np.random.default_rng(4))
+    temperature = 1.5
+    grad = jax.grad(lambda x: jax_divergence(x, ids, lp, "kl", temperature).sum())(
+        jnp.asarray(student))
+    p, q_buckets = np_buckets(student, ids, lp, temperature)
+    q = np_softmax(student.astype(np.float64) / temperature)
+    want = q * (1.0 - p[:, -1:] / q_buckets[:, -1:])
+    for row in range(len(ids)):
+        for slot, token in enumerate(ids[row]):
+            if lp[row, slot] > -np.inf:
+                want[row, token] = q[row, token] - p[row, slot]
+    np.testing.assert_allclose(grad, want / temperature, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_nan_in_values_or_grads_on_edge_rows(kind):
+    """Unused slots, zero-tail rows, all-unused rows, a student almost sure of one token."""
+    student, ids, lp = topk_case(np.random.default_rng(5))
+    student[5] = 0.0
+    student[5, ids[5, 0]] = 60.0
+    value, grad = jax.value_and_grad(lambda x: jax_divergence(x, ids, lp, kind, 1.0).sum())(
+        jnp.asarray(student))
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
+def test_confident_student_keeps_an_accurate_tail():
+    """q_tail ~ 1e-21 underflows 1 - sum_S q in fp32; the KL must still be finite and exact."""
+    v, k = 40, 6
+    student = np.zeros((1, v), np.float32)
+    student[0, 0] = 50.0
+    ids = np.arange(k, dtype=np.int32)[None]
+    lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05, 0.03, 0.02]], np.float32))
+    p_tail = 1 - np.exp(lp.astype(np.float64)).sum()
+    q = np_softmax(student.astype(np.float64))
+    q_tail = (v - k) / (np.exp(50.0) + v - 1)
+    p = np.concatenate([np.exp(lp.astype(np.float64)), [[p_tail]]], -1)
+    want = np_plogratio(p, np.concatenate([q[:, :k], [[q_tail]]], -1)).sum()
+    got = jax_divergence(student, ids, lp, "kl", 1.0)
+    np.testing.assert_allclose(got, [want], rtol=1e-5)
+
+
+def loss_inputs(rng, b=2, seq=10, d=8, v=48, k=5, dtype=jnp.float32):
+    hidden = jnp.asarray(rng.normal(size=(b, seq, d)), dtype)
+    head = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
+    ids = np.stack([rng.permutation(v)[:k] for _ in range(b * seq)]).reshape(b, seq, k)
+    lp = np.sort(np.log(rng.dirichlet(np.ones(v), size=(b, seq))[..., :k]), -1)[..., ::-1].copy()
+    lp[0, 3, 2:] = -np.inf
+    ids[0, 3, 2:] = 0
+    mask = rng.random((b, seq)) < 0.7
+    return hidden, head, jnp.asarray(ids, jnp.int32), jnp.asarray(lp, jnp.float32), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_matches_dense_values_and_grads(kind):
+    hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(7))
+
+    def grads(fn, **kw):
+        return jax.jit(jax.value_and_grad(lambda h, w: fn(h, w, ids, lp, mask, kind=kind, **kw),
+                                          argnums=(0, 1), has_aux=True))(hidden, head)
+
+    (s_chunk, c_chunk), g_chunk = grads(loss.distill_loss, chunk_size=4)  # 10 = 4 + 4 + 2 (pad)
+    (s_dense, c_dense), g_dense = grads(loss.dense_distill_loss)
+    assert c_chunk == c_dense == np.sum(np.asarray(mask))
+    np.testing.assert_allclose(s_chunk, s_dense, rtol=1e-6)
+    for a, b in zip(g_chunk, g_dense):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_is_the_masked_sum_of_reference_divergences_bf16_hidden():
+    hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(8), dtype=jnp.bfloat16)
+    s, c = loss.distill_loss(hidden, head, ids, lp, mask, kind="kl", temperature=1.3,
+                             chunk_size=3)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
+    p, q = np_buckets(logits.reshape(-1, logits.shape[-1]), np.asarray(ids).reshape(-1, 5),
+                      np.asarray(lp).reshape(-1, 5), 1.3)
+    per_position = np_divergence(p, q, "kl").reshape(mask.shape)
+    assert s.dtype == c.dtype == jnp.float32
+    np.testing.assert_allclose(s, per_position[np.asarray(mask)].sum(), rtol=1e-5)
+
+
+def test_chunked_grad_uses_far_less_memory_than_dense():
+    b, seq, d, v, k = 2, 512, 32, 8192, 8
+    args = (jax.ShapeDtypeStruct((b, seq, d), jnp.float32),
+            jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, seq, k), jnp.int32),
+            jax.ShapeDtypeStruct((b, seq, k), jnp.float32),
+            jax.ShapeDtypeStruct((b, seq), jnp.bool_))
+
+    def temp_bytes(fn, **kw):
+        grad = jax.grad(lambda h, w, *rest: fn(h, w, *rest, **kw)[0], argnums=(0, 1))
+        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = temp_bytes(loss.distill_loss, chunk_size=32)
+    dense = temp_bytes(loss.dense_distill_loss)
+    logits_bytes = b * seq * v * 4
+    assert dense > logits_bytes  # the dense version really holds [B, L, V] logits
+    assert chunked * 8 < dense, (chunked, dense)
+
+
+def test_bad_kind_and_beta_are_reported():
+    hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(9))
+    with pytest.raises(ValueError, match="loss.kind"):
+        loss.distill_loss(hidden, head, ids, lp, mask, kind="kld")
+    with pytest.raises(ValueError, match="beta"):
+        loss.distill_loss(hidden, head, ids, lp, mask, kind="jsd", beta=1.0)

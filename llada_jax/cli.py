@@ -12,7 +12,10 @@ import importlib
 import sys
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "import-hf": ("llada_jax.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
+    "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

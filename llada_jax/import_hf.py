@@ -1,0 +1,40 @@
+"""`llada-jax import-hf`: an HF LLaDA dir (safetensors) -> a params checkpoint (orbax + config.json).
+
+    llada-jax import-hf --hf-dir LLaDA-8B-Instruct --out ckpt/llada8b [--dtype float32]
+                        [--mesh fsdp=4,tensor=2]
+
+With --mesh each parameter is placed with its sharding while it is read (one at a time), so a
+model larger than one device fits; without it, params go to the default device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llada_jax import sharding
+from llada_jax.checkpoint_io import CheckpointError, save_params
+from llada_jax.config import ConfigError
+from llada_jax.params import DTYPES, ConversionError, load_hf
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-dir", required=True, help="HF model dir: config.json + *.safetensors")
+    parser.add_argument("--out", required=True, help="new checkpoint directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="param dtype (default: the safetensors' own)")
+    parser.add_argument("--mesh", default=None,
+                        help="device mesh, e.g. fsdp=4,tensor=2 (axes data, fsdp, tensor)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
+        cfg, model = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype)
+        path = save_params(args.out, model)
+    except (ConfigError, ConversionError, CheckpointError, sharding.ShardingError) as err:
+        print(f"llada-jax import-hf: {err}", file=sys.stderr)
+        return 2
+    print(f"imported {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.embedding_size}, "
+          f"params {cfg.param_dtype} -> {path}")
+    return 0

@@ -1,0 +1,120 @@
+"""Diffusion forward process: which response tokens are replaced by the mask token, and which
+positions the loss counts. Also the drafting condition used by the speculative-decoding metrics.
+
+Every decision is made per packed segment (segment_ids 1..n within a row; 0 = padding): each
+segment gets its own noise level t or its own cut point, as if it were its own example. The
+prompt and padding are never masked and never counted. All functions are jittable (the mode is
+static) and deterministic given the PRNG key.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("original", "masked_only", "full", "prefix_block")
+
+Batch = dict[str, jax.Array]
+
+
+def response_mask(batch: Batch) -> jax.Array:
+    """bool [B, L]: tokens of a real segment that are not prompt."""
+    return (batch["segment_ids"] > 0) & ~batch["prompt_mask"]
+
+
+def _per_segment_uniform(rng: jax.Array, segment_ids_bl: jax.Array) -> jax.Array:
+    """float32 [B, L]: one U[0, 1) draw per (row, segment id), broadcast to the segment's tokens.
+
+    Segment ids are at most L (each segment holds a token), so L + 1 draws per row cover them.
+    """
+    b, seq = segment_ids_bl.shape
+    u_bs = jax.random.uniform(rng, (b, seq + 1))
+    return jnp.take_along_axis(u_bs, segment_ids_bl, axis=1)
+
+
+def _response_index_and_length(segment_ids_bl: jax.Array, response_bl: jax.Array
+                               ) -> tuple[jax.Array, jax.Array]:
+    """(index of each position among its segment's response tokens, that segment's response
+    length), both int32 [B, L]. Assumes packed segments are contiguous, as the loader packs them."""
+    b, seq = segment_ids_bl.shape
+    flat_ids = (segment_ids_bl + (seq + 1) * jnp.arange(b)[:, None]).reshape(-1)
+    n_segments = b * (seq + 1)
+    resp = response_bl.astype(jnp.int32)
+    before = jnp.cumsum(resp, axis=1) - resp  # response tokens earlier in the row
+    first = jax.ops.segment_min(before.reshape(-1), flat_ids, num_segments=n_segments)
+    length = jax.ops.segment_sum(resp.reshape(-1), flat_ids, num_segments=n_segments)
+    return (before - first[flat_ids].reshape(b, seq), length[flat_ids].reshape(b, seq))
+
+
+def diffusion_mask(rng: jax.Array, batch: Batch, *, mask_token_id: int, mode: str = "original",
+                   eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+    """Returns (noisy_tokens_bl int32 [B, L], loss_mask_bl bool [B, L]).
+
+    mode 'original' (the original trainer): t ~ U(0, 1) per segment, p = (1 - eps) t + eps, each
+      response token masked with probability p; loss on every response position with a target.
+    'masked_only': the same masking; loss only on the masked positions with a target.
+    'full': the whole response masked; loss on every response position with a target.
+    'prefix_block': a visible response prefix of length ~ U{0, .., n - 1} per segment (n = its
+      response length), the rest masked (how a drafter is used); loss on masked positions.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mask mode {mode!r}: choose one of {', '.join(MODES)} "
+                         "(config field loss.mask_mode)")
+    response = response_mask(batch)
+    segment_ids = batch["segment_ids"]
+    rng_segment, rng_token = jax.random.split(rng)
+    if mode in ("original", "masked_only"):
+        p_bl = (1.0 - eps) * _per_segment_uniform(rng_segment, segment_ids) + eps
+        masked = response & (jax.random.uniform(rng_token, response.shape) < p_bl)
+    elif mode == "full":
+        masked = response
+    else:
+        index, length = _response_index_and_length(segment_ids, response)
+        masked = response & (index >= _cut_points(rng_segment, segment_ids, length))
+    counted = masked if mode in ("masked_only", "prefix_block") else response
+    noisy = jnp.where(masked, jnp.int32(mask_token_id), batch["tokens"].astype(jnp.int32))
+    return noisy, counted & batch["target_mask"]
+
+
+def _is_prng_key(x) -> bool:
+    x = jnp.asarray(x)
+    return (jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            or (x.dtype == jnp.uint32 and x.shape == (2,)))
+
+
+def _cut_points(rng_or_cuts, segment_ids_bl: jax.Array, length_bl: jax.Array) -> jax.Array:
+    """int32 [B, L]: each position's segment cut, as an index into the segment's response."""
+    if isinstance(rng_or_cuts, int):
+        rng_or_cuts = jax.random.key(rng_or_cuts)
+    if _is_prng_key(rng_or_cuts):
+        u_bl = _per_segment_uniform(rng_or_cuts, segment_ids_bl)
+        return jnp.floor(u_bl * length_bl).astype(jnp.int32)
+    cuts_bs = jnp.asarray(rng_or_cuts, jnp.int32)
+    b, seq = segment_ids_bl.shape
+    if cuts_bs.ndim != 2 or cuts_bs.shape[0] != b or cuts_bs.shape[1] > seq:
+        raise ValueError(f"drafting cut points must be an int array [B={b}, S<={seq}] (column "
+                         f"s-1 = cut of segment id s), a PRNG key or an int seed; got shape "
+                         f"{cuts_bs.shape}")
+    # Column 0 is padding; segment ids past the given columns get a cut past their response.
+    table = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cuts_bs,
+                             jnp.full((b, seq - cuts_bs.shape[1]), seq, jnp.int32)], axis=1)
+    return jnp.maximum(jnp.take_along_axis(table, segment_ids_bl, axis=1), 0)
+
+
+def drafting_batch(batch: Batch, rng_or_cuts, gamma: int, *, mask_token_id: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The drafting condition: returns (noisy_tokens_bl int32 [B, L], offset_bl int32 [B, L]).
+
+    For each segment a cut c in its response (uniform over 0..n-1 from a PRNG key or int seed,
+    or given as cuts [B, S], column s-1 for segment id s): prompt + response[:c] stay visible,
+    response[c:] is masked. offset = j - c on response position j for c <= j < c + gamma where
+    the position has a target (these are scored, binned by offset); -1 everywhere else.
+    """
+    response = response_mask(batch)
+    segment_ids = batch["segment_ids"]
+    index, length = _response_index_and_length(segment_ids, response)
+    offset = index - _cut_points(rng_or_cuts, segment_ids, length)
+    masked = response & (offset >= 0)
+    scored = masked & (offset < gamma) & batch["target_mask"]
+    noisy = jnp.where(masked, jnp.int32(mask_token_id), batch["tokens"].astype(jnp.int32))
+    return noisy, jnp.where(scored, offset, -1).astype(jnp.int32)

@@ -1,0 +1,87 @@
+"""Speculative-decoding quality of the drafter against the teacher's stored top-k.
+
+Per scored position (DESIGN.md, "Speculative-decoding metrics"), with p the teacher and q the
+student over the buckets S ∪ {tail} of `loss.bucket_logprobs`:
+- alpha_lower = sum_{i in S} min(p_i, q_i): acceptance probability counted on S only;
+- alpha_upper = alpha_lower + min(p_tail, q_tail): the best the unknown tail could add
+  (= 1 - TVD over the buckets);
+- top1: student argmax over the full vocabulary == the teacher's top-1 id;
+- kl: KL(p || q), the training loss at T = 1.
+Sums are taken per offset within the drafted block (see `masking.drafting_batch`) through the
+same chunked LM-head machinery as the loss, and returned as (sum, count) so hosts can add them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llada_jax import loss
+
+METRICS = ("kl", "alpha_lower", "alpha_upper", "top1")
+
+
+def position_metrics(logits_bcv: jax.Array, teacher_ids_bck: jax.Array,
+                     teacher_logprobs_bck: jax.Array, temperature: float = 1.0
+                     ) -> dict[str, jax.Array]:
+    """{metric: float32 [B, C]} for every position (callers pick the scored ones)."""
+    logp, logq = loss.bucket_logprobs(logits_bcv, teacher_ids_bck, teacher_logprobs_bck,
+                                      temperature)
+    overlap = jnp.minimum(jnp.exp(logp), jnp.exp(logq))
+    alpha_lower = jnp.sum(overlap[..., :-1], axis=-1)
+    top1 = jnp.argmax(logits_bcv, axis=-1) == teacher_ids_bck[..., 0]
+    return {"kl": loss.divergence(logp, logq, "kl"), "alpha_lower": alpha_lower,
+            "alpha_upper": alpha_lower + overlap[..., -1], "top1": top1.astype(jnp.float32)}
+
+
+def drafter_metric_sums(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
+                        teacher_logprobs_blk: jax.Array, offset_bl: jax.Array, *, gamma: int,
+                        temperature: float = 1.0, chunk_size: int = 256
+                        ) -> dict[str, jax.Array]:
+    """Per-offset sums: {metric: float32 [gamma]} and 'count': float32 [gamma].
+
+    offset_bl int [B, L]: the position's offset in its drafted block, -1 (or >= gamma) = not
+    scored. hidden_bld [B, L, D], head_dv [D, V], teacher arrays [B, L, K].
+    """
+    bins = jnp.where((offset_bl >= 0) & (offset_bl < gamma), offset_bl, -1)
+    return loss.chunked_position_sums(
+        lambda logits, ids, lps: position_metrics(logits, ids, lps, temperature),
+        hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, bins,
+        n_bins=gamma, chunk_size=chunk_size)
+
+
+def expected_tokens_per_call(alpha, gamma: int):
+    """E(gamma) = (1 - alpha^(gamma+1)) / (1 - alpha) tokens per target call, written as
+    sum_{j=0..gamma} alpha^j: exact at alpha = 1 (gamma + 1) and free of cancellation near it.
+    Works on floats, NumPy and JAX arrays."""
+    return sum(alpha ** j for j in range(gamma + 1))
+
+
+def summarize(sums: dict, gammas: tuple[int, ...]) -> dict:
+    """JSON-ready means from (possibly host-summed) `drafter_metric_sums`.
+
+    Returns {'by_offset': {metric: [mean per offset]}, 'count_by_offset': [...], and per gamma
+    in `gammas` (each <= the gamma the sums were taken with): {'gamma=G': {metric: mean over
+    offsets < G, 'E_lower' / 'E_upper': E(G) at alpha_lower / alpha_upper}}}. A bin with no
+    scored position gives None.
+    """
+    sums = {name: [float(x) for x in jax.device_get(v)] for name, v in sums.items()}
+    counts = sums["count"]
+
+    def mean(name, upto):
+        total = sum(counts[:upto])
+        return sum(sums[name][:upto]) / total if total else None
+
+    out = {"by_offset": {m: [sums[m][j] / counts[j] if counts[j] else None
+                             for j in range(len(counts))] for m in METRICS},
+           "count_by_offset": counts}
+    for g in gammas:
+        if g > len(counts):
+            raise ValueError(f"gamma {g} is larger than the {len(counts)} offsets the metric "
+                             "sums were taken with: pass gamma=max(gammas) to drafter_metric_sums")
+        block = {m: mean(m, g) for m in METRICS}
+        for bound in ("lower", "upper"):
+            alpha = block[f"alpha_{bound}"]
+            block[f"E_{bound}"] = None if alpha is None else expected_tokens_per_call(alpha, g)
+        out[f"gamma={g}"] = block
+    return out

@@ -113,7 +113,7 @@ def _plogratio(logp: jax.Array, logq: jax.Array) -> jax.Array:
 
 def divergence(logp: jax.Array, logq: jax.Array, kind: str = "kl",
                beta: float = 0.5) -> jax.Array:
-    """Divergence between teacher p and student q given as log-probs over buckets [..., K+1] -> [...].
+    """Divergence of student q from teacher p, both log-probs over buckets [..., K+1] -> [...].
 
     kind: 'kl' = KL(p || q) (forward, the original loss); 'reverse_kl' = KL(q || p), with empty
     teacher buckets floored at REVERSE_KL_TEACHER_FLOOR; 'jsd' = beta KL(p || m) +

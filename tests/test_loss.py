@@ -36,8 +36,8 @@ def np_divergence(p, q, kind, beta=0.5):
 
 
 def np_buckets(student_logits, ids, lps, temperature):
-    """(p, q) over S ∪ {tail}: teacher tail = 1 - sum p_S (0 below rounding level), tempered as p^(1/T) / Z; student
-    tail = the student's mass outside S, summed directly in float64."""
+    """(p, q) over S ∪ {tail}: teacher tail = 1 - sum p_S (0 below rounding level), tempered as
+    p^(1/T) / Z; student tail = the student's mass outside S, summed directly in float64."""
     q = np_softmax(student_logits.astype(np.float64) / temperature)
     valid = lps > -np.inf
     q_s = np.where(valid, np.take_along_axis(q, ids, -1), 0.0)
@@ -168,7 +168,8 @@ def loss_inputs(rng, b=2, seq=10, d=8, v=48, k=5, dtype=jnp.float32):
     lp[0, 3, 2:] = -np.inf
     ids[0, 3, 2:] = 0
     mask = rng.random((b, seq)) < 0.7
-    return hidden, head, jnp.asarray(ids, jnp.int32), jnp.asarray(lp, jnp.float32), jnp.asarray(mask)
+    return (hidden, head, jnp.asarray(ids, jnp.int32), jnp.asarray(lp, jnp.float32),
+            jnp.asarray(mask))
 
 
 @pytest.mark.parametrize("kind", KINDS)

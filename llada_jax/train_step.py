@@ -100,7 +100,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
             (loss_sum, count, grad_sums), _ = jax.lax.scan(body, zeros, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)

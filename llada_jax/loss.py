@@ -61,10 +61,13 @@ def _safe_logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _student_tail_logits(z_nv: jax.Array, ids_nk: jax.Array, valid_nk: jax.Array) -> jax.Array:
-    """z with the top-k ids set to -inf (unused slots leave the vocab untouched): [N, V]."""
-    n, v = z_nv.shape
-    rows = jnp.arange(n)[:, None]
-    return z_nv.at[rows, jnp.where(valid_nk, ids_nk, v)].set(NEG_INF, mode="drop")
+    """z with the top-k ids set to -inf (unused slots leave the vocab untouched): [N, V].
+
+    A per-row scatter (vmap), so rows sharded over devices need no collectives.
+    """
+    vocab = z_nv.shape[-1]
+    return jax.vmap(lambda z_v, ids_k: z_v.at[ids_k].set(NEG_INF, mode="drop"))(
+        z_nv, jnp.where(valid_nk, ids_nk, vocab))
 
 
 def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,

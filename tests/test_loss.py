@@ -225,3 +225,21 @@ def test_bad_kind_and_beta_are_reported():
         loss.distill_loss(hidden, head, ids, lp, mask, kind="kld")
     with pytest.raises(ValueError, match="beta"):
         loss.distill_loss(hidden, head, ids, lp, mask, kind="jsd", beta=1.0)
+
+
+def test_batch_sharded_over_devices_gives_the_same_loss_and_grads():
+    """Chunks run along the sequence, so a batch axis sharded 8 ways stays sharded."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(10), b=8)
+    fn = jax.jit(jax.value_and_grad(
+        lambda h, w, i, l_, m: loss.distill_loss(h, w, i, l_, m, chunk_size=4),
+        argnums=(0, 1), has_aux=True))
+    sharded = [jax.device_put(x, batch_sharding) for x in (hidden, ids, lp, mask)]
+    (s_sharded, c_sharded), g_sharded = fn(sharded[0], head, *sharded[1:])
+    (s_single, c_single), g_single = fn(hidden, head, ids, lp, mask)
+    assert c_sharded == c_single
+    np.testing.assert_allclose(s_sharded, s_single, rtol=1e-6)
+    for a, b in zip(g_sharded, g_single):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert g_sharded[0].sharding.spec[0] == "data"

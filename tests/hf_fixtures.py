@@ -25,7 +25,7 @@ def hf_config(**changes) -> dict:
         "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
         "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
         "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
-        "mask_token_id": 63, "max_sequence_length": 64, "mlp_hidden_size": 40, "mlp_ratio": 4,
+        "mask_token_id": 58, "max_sequence_length": 64, "mlp_hidden_size": 40, "mlp_ratio": 4,
         "model_type": "llada", "multi_query_attention": None, "n_heads": 3, "n_kv_heads": 3,
         "n_layers": 2, "pad_token_id": 60, "precision": "amp_bf16", "residual_dropout": 0.0,
         "rms_norm_eps": 1e-5, "rope": True, "rope_full_precision": True, "rope_theta": 10000.0,

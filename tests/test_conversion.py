@@ -129,7 +129,7 @@ def test_config_reads_hf_fields_and_round_trips():
     hf = hf_fixtures.hf_config(n_kv_heads=None, mlp_hidden_size=None, some_future_field=[1, 2])
     cfg = ModelConfig.from_hf_config(hf, dtype="float32", scan_layers=False)
     assert (cfg.n_kv_heads, cfg.mlp_hidden_size, cfg.head_dim) == (3, 4 * 48, 16)
-    assert (cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id) == (61, 64, 63)
+    assert (cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id) == (61, 64, 58)
     assert (cfg.eos_token_id, cfg.pad_token_id, cfg.rope_theta) == (60, 60, 10000.0)
     out = cfg.to_hf_config()
     assert out["llada_jax"] == {"causal": False, "scan_layers": False, "remat_policy": "none",

@@ -1,5 +1,6 @@
 """LLaDAModel vs an independent torch forward (tests/torch_reference.py), through the converter."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from flax import nnx
 import hf_fixtures
 import torch_reference
 from llada_jax import params
+from llada_jax.config import ModelConfig
+from llada_jax.modeling import LLaDAModel
 
 TOL = 1e-5
 
@@ -121,3 +124,36 @@ def test_bf16_compute_stays_close_to_fp32(loaded):
     assert ours.dtype == np.float32
     assert np.abs(ours - ref).max() < 0.15
     assert model(jnp.asarray(tokens), return_hidden=True).dtype == jnp.bfloat16
+
+
+def _random_model(**changes):
+    cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=24,
+                      vocab_size=40, mask_token_id=39, dtype="float32", **changes)
+    return LLaDAModel(cfg, rngs=nnx.Rngs(7))
+
+
+def _loss_and_grads(model, tokens, segments):
+    graphdef, state = nnx.split(model)
+    weights = jax.random.normal(jax.random.key(1), tokens.shape + (model.cfg.embedding_size,))
+
+    def loss(s):
+        return jnp.sum(nnx.merge(graphdef, s)(tokens, segment_ids_bl=segments) * weights)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    remat_in_graph = "remat" in str(jax.make_jaxpr(loss)(state))  # jax.checkpoint's primitive
+    assert remat_in_graph == (model.cfg.remat_policy != "none")
+    return value, nnx.to_pure_dict(grads)
+
+
+def test_scanned_and_unscanned_layers_and_remat_policies_agree():
+    tokens = jnp.asarray(_tokens(2, 9, 40, seed=6))
+    segments = jnp.asarray([[1] * 4 + [2] * 5, [1] * 7 + [0] * 2], jnp.int32)
+    ref_value, ref_grads = _loss_and_grads(_random_model(scan_layers=True), tokens, segments)
+    assert np.abs(np.asarray(ref_grads["layers"]["q_proj"])).max() > 0
+    # Every policy, scanned and unscanned each at least once (each case is a compile: keep few).
+    for scan, policy in ((False, "none"), (True, "full"), (False, "dots")):
+        value, grads = _loss_and_grads(_random_model(scan_layers=scan, remat_policy=policy),
+                                       tokens, segments)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grads, ref_grads)

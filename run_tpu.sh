@@ -173,13 +173,13 @@ validate_args() {
     TPU_NAME="${TPU_NAME:-llada-jax-${ACCELERATOR}}"
     [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
         || die "TPU name '$TPU_NAME' must be lowercase letters, digits and hyphens (pass --tpu-name)"
+    LOG_FILE="${LOG_FILE:-$REPO_ROOT/runs/run_tpu/$TPU_NAME.log}"
     (( TEARDOWN )) && return 0
     [[ $WORKDIR == gs://?* ]] \
         || die "workdir '${WORKDIR}' must be a gs:// path that every worker can reach: pass --workdir gs://BUCKET/DIR or set LLADA_WORKDIR"
     if [[ -z $REPO_URL ]] && ! git -C "$REPO_ROOT" cat-file -e "HEAD:${CONFIG%%:*}" 2>/dev/null; then
         die "config file ${CONFIG%%:*} is not in the committed HEAD that gets copied to the workers: commit it, or pass --config FILE"
     fi
-    LOG_FILE="${LOG_FILE:-$REPO_ROOT/runs/run_tpu/$TPU_NAME.log}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -390,11 +390,11 @@ main() {
     parse_args "$@"
     validate_args
     exec 3>&1
+    if (( DRY_RUN )); then LOG_FILE=/dev/null; else mkdir -p "$(dirname "$LOG_FILE")"; fi
     if (( TEARDOWN )); then
         delete_tpu
         return
     fi
-    if (( DRY_RUN )); then LOG_FILE=/dev/null; else mkdir -p "$(dirname "$LOG_FILE")"; fi
     JAX_VERSION="$(jax_version)"
     TARBALL="${TMPDIR:-/tmp}/llada-jax-$$.tar.gz"
     trap on_exit EXIT

@@ -9,7 +9,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly REPO_ROOT
 readonly REMOTE_DIR=llada-jax            # relative to the TPU user's home (ssh starts there)
 readonly REMOTE_TARBALL=llada-jax.tar.gz
-readonly SUPPORTED="v4-N, v5p-N (N TensorCores, a multiple of 8), v5litepod-N, v6e-N (N chips: 1, 4, 8, 16, 32, 64, 128 or 256)"
+readonly SUPPORTED="v4-N, v5p-N (N TensorCores, a multiple of 8), v5litepod-N, v6e-N (N chips:\
+ 1, 4, 8, 16, 32, 64, 128 or 256)"
 
 usage() {
     cat <<EOF
@@ -25,8 +26,9 @@ preemption (the trainer resumes from the latest checkpoint in WORKDIR).
 Required (flag or environment variable):
   --project P            LLADA_PROJECT         Google Cloud project
   --zone Z               LLADA_ZONE            zone, e.g. us-west4-a (v5e), us-east5-a (v5p)
-  --accelerator TYPE     LLADA_ACCELERATOR     $SUPPORTED
-                                               (optional with --reuse unless it must recreate)
+  --accelerator TYPE     LLADA_ACCELERATOR     e.g. v5litepod-64, v5p-32, v4-32, v6e-16; v4/v5p
+                                               count TensorCores, v5litepod/v6e chips (optional
+                                               with --reuse unless it must recreate)
   --workdir gs://...     LLADA_WORKDIR         checkpoints and metrics, shared by all workers
 Options:
   --runtime-version V    LLADA_RUNTIME_VERSION default per family: v4 tpu-ubuntu2204-base,
@@ -129,10 +131,12 @@ set_option() {
 # accelerator type -> family (v4 | v5p | v5litepod | v6e); dies on a name it cannot use.
 accelerator_family() {
     local family="${1%-*}" size="${1##*-}"
-    [[ $1 == *-* && $size =~ ^[0-9]+$ ]] || die "accelerator type '$1' is not FAMILY-SIZE; supported: $SUPPORTED"
+    [[ $1 == *-* && $size =~ ^[0-9]+$ ]] \
+        || die "accelerator type '$1' is not FAMILY-SIZE; supported: $SUPPORTED"
     case "$family" in
         v4|v5p) (( size > 0 && size % 8 == 0 )) \
-            || die "accelerator type '$1': $family sizes count TensorCores, a multiple of 8 (e.g. ${family}-32)" ;;
+            || die "accelerator type '$1': $family sizes count TensorCores," \
+                   "a multiple of 8 (e.g. ${family}-32)" ;;
         v5litepod|v6e) [[ " 1 4 8 16 32 64 128 256 " == *" $size "* ]] \
             || die "accelerator type '$1': $family slices have 1, 4, 8, 16, 32, 64, 128 or 256 chips" ;;
         v5e) die "accelerator type '$1': Cloud TPU names v5e slices v5litepod-N (e.g. v5litepod-64)" ;;
@@ -169,16 +173,19 @@ validate_args() {
     elif (( SPOT || QUEUED )) && (( ! TEARDOWN )); then
         die "--spot/--queued recreate the TPU after preemption, which needs --accelerator TYPE"
     fi
-    [[ -n $TPU_NAME || -n $ACCELERATOR ]] || die "no TPU name: pass --tpu-name NAME (the default, llada-jax-TYPE, needs --accelerator TYPE)"
+    [[ -n $TPU_NAME || -n $ACCELERATOR ]] \
+        || die "no TPU name: pass --tpu-name NAME (the default, llada-jax-TYPE, needs --accelerator TYPE)"
     TPU_NAME="${TPU_NAME:-llada-jax-${ACCELERATOR}}"
     [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
         || die "TPU name '$TPU_NAME' must be lowercase letters, digits and hyphens (pass --tpu-name)"
     LOG_FILE="${LOG_FILE:-$REPO_ROOT/runs/run_tpu/$TPU_NAME.log}"
     (( TEARDOWN )) && return 0
     [[ $WORKDIR == gs://?* ]] \
-        || die "workdir '${WORKDIR}' must be a gs:// path that every worker can reach: pass --workdir gs://BUCKET/DIR or set LLADA_WORKDIR"
+        || die "workdir '${WORKDIR}' must be a gs:// path that every worker can reach:" \
+               "pass --workdir gs://BUCKET/DIR or set LLADA_WORKDIR"
     if [[ -z $REPO_URL ]] && ! git -C "$REPO_ROOT" cat-file -e "HEAD:${CONFIG%%:*}" 2>/dev/null; then
-        die "config file ${CONFIG%%:*} is not in the committed HEAD that gets copied to the workers: commit it, or pass --config FILE"
+        die "config file ${CONFIG%%:*} is not in the committed HEAD that gets copied to the workers:" \
+            "commit it, or pass --config FILE"
     fi
 }
 
@@ -264,10 +271,12 @@ provision() {
     if (( QUEUED )); then state="$(queued_state "$dry_run_answer")"
     else state="$(node_state "$dry_run_answer")"; fi
     if (( REUSE )); then
-        [[ -n $state ]] || die "--reuse: no TPU named $TPU_NAME in $ZONE of $PROJECT (check --tpu-name, or drop --reuse to create it)"
+        [[ -n $state ]] || die "--reuse: no TPU named $TPU_NAME in $ZONE of $PROJECT" \
+            "(check --tpu-name, or drop --reuse to create it)"
         log "reusing $TPU_NAME (state $state)"
     else
-        [[ -z $state ]] || die "$TPU_NAME already exists in $ZONE (state $state): pass --reuse to use it, --teardown to delete it, or another --tpu-name"
+        [[ -z $state ]] || die "$TPU_NAME already exists in $ZONE (state $state): pass --reuse" \
+            "to use it, --teardown to delete it, or another --tpu-name"
         create_tpu
     fi
 }
@@ -278,7 +287,8 @@ wait_ready() {
     if (( QUEUED )); then
         while state="$(queued_state ACTIVE)"; [[ $state != ACTIVE ]]; do
             case "$state" in
-                FAILED|SUSPENDED|"") die "queued resource $TPU_NAME is ${state:-gone}; see: gcloud compute tpus queued-resources describe $TPU_NAME --zone=$ZONE --project=$PROJECT" ;;
+                FAILED|SUSPENDED|"") die "queued resource $TPU_NAME is ${state:-gone}; see: gcloud" \
+                    "compute tpus queued-resources describe $TPU_NAME --zone=$ZONE --project=$PROJECT" ;;
             esac
             log "queued resource $TPU_NAME is $state; waiting for capacity"
             pause
@@ -286,7 +296,8 @@ wait_ready() {
     fi
     while state="$(node_state READY)"; [[ $state != READY ]]; do
         case "$state" in
-            PREEMPTED|TERMINATED|STOPPED|"") die "TPU VM $TPU_NAME is ${state:-gone} while waiting for READY" ;;
+            PREEMPTED|TERMINATED|STOPPED|"")
+                die "TPU VM $TPU_NAME is ${state:-gone} while waiting for READY" ;;
         esac
         log "TPU VM $TPU_NAME is $state; waiting for READY"
         pause
@@ -298,7 +309,8 @@ wait_ready() {
 recover() {
     case "$1" in
         PREEMPTED|TERMINATED|STOPPED|"")
-            [[ -n $ACCELERATOR ]] || die "TPU $TPU_NAME is ${1:-gone}; pass --accelerator TYPE so run_tpu.sh can recreate it"
+            [[ -n $ACCELERATOR ]] \
+                || die "TPU $TPU_NAME is ${1:-gone}; pass --accelerator TYPE so run_tpu.sh can recreate it"
             delete_tpu || log "delete failed (already gone?); recreating anyway"
             create_tpu ;;
         *)
@@ -330,12 +342,14 @@ deploy_code() {
         return
     fi
     if (( ! DRY_RUN )) && [[ -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
-        log "warning: uncommitted changes are not copied; the workers get HEAD $(git -C "$REPO_ROOT" rev-parse --short HEAD)"
+        log "warning: uncommitted changes are not copied; the workers get HEAD" \
+            "$(git -C "$REPO_ROOT" rev-parse --short HEAD)"
     fi
     run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
     tpus tpu-vm scp "$TARBALL" "$TPU_NAME:$REMOTE_TARBALL" --worker=all
     tpus tpu-vm ssh "$TPU_NAME" --worker=all --command="mkdir -p $REMOTE_DIR && find $REMOTE_DIR \
--mindepth 1 -maxdepth 1 ! -name .venv ! -name .jax_cache -exec rm -rf {} + && tar -xzf $REMOTE_TARBALL -C $REMOTE_DIR"
+-mindepth 1 -maxdepth 1 ! -name .venv ! -name .jax_cache -exec rm -rf {} + \
+&& tar -xzf $REMOTE_TARBALL -C $REMOTE_DIR"
 }
 
 # The README's install step plus jax[tpu] at the jax version pyproject.toml pins.
@@ -352,7 +366,9 @@ install_project() {
 # Stops a trainer left over from a run whose ssh was lost: it still holds the TPU and the code.
 stop_stale_trainer() {
     # shellcheck disable=SC2016  # $pid expands on the worker
-    local cmd='pid="$(cat .llada-jax-train.pid 2>/dev/null)"; if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null;'
+    local cmd='pid="$(cat .llada-jax-train.pid 2>/dev/null)";'
+    # shellcheck disable=SC2016
+    cmd+=' if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null;'
     # shellcheck disable=SC2016
     cmd+=' then while kill -0 "$pid" 2>/dev/null; do sleep 5; done; fi; true'
     tpus tpu-vm ssh "$TPU_NAME" --worker=all --command="$cmd"
@@ -410,13 +426,16 @@ main() {
         pause  # a preempted VM may take a moment to leave READY after the trainer saved and exited
         state="$(node_state READY)"
         if [[ $state == READY && $rc -ne 255 ]]; then
-            (( rc == 0 )) || die "llada-jax train exited with status $rc while $TPU_NAME is READY (not a preemption); see $LOG_FILE"
+            (( rc == 0 )) || die "llada-jax train exited with status $rc while $TPU_NAME is READY" \
+                "(not a preemption); see $LOG_FILE"
             log "training finished; checkpoints and metrics are in $WORKDIR"
             return 0
         fi
-        (( restarts < MAX_RESTARTS )) || die "gave up after $MAX_RESTARTS relaunches (last exit $rc, TPU ${state:-gone}); raise --max-restarts to keep going"
+        (( restarts < MAX_RESTARTS )) || die "gave up after $MAX_RESTARTS relaunches" \
+            "(last exit $rc, TPU ${state:-gone}); raise --max-restarts to keep going"
         restarts=$((restarts + 1))
-        log "run ended (exit $rc, TPU ${state:-gone}); relaunch $restarts/$MAX_RESTARTS resumes from the latest checkpoint in $WORKDIR"
+        log "run ended (exit $rc, TPU ${state:-gone}); relaunch $restarts/$MAX_RESTARTS" \
+            "resumes from the latest checkpoint in $WORKDIR"
         recover "$state"
     done
 }

@@ -78,7 +78,7 @@ def apply_rope(x_blhd: jax.Array, sin_bld: jax.Array, cos_bld: jax.Array) -> jax
     return out.astype(x_blhd.dtype)
 
 
-def attention_mask(tokens_bl: jax.Array, segment_ids_bl: jax.Array | None,
+def visibility_mask(tokens_bl: jax.Array, segment_ids_bl: jax.Array | None,
                    attention_mask_bl: jax.Array | None, causal: bool) -> jax.Array | None:
     """bool [B, L(query), L(key)]: True where the query may attend to the key (None: all).
 
@@ -194,7 +194,7 @@ class LLaDAModel(nnx.Module):
             positions_bl = (jnp.broadcast_to(jnp.arange(tokens_bl.shape[1]), tokens_bl.shape)
                             if segment_ids_bl is None else positions_from_segments(segment_ids_bl))
         sin, cos = rope_tables(positions_bl, cfg.head_dim, cfg.rope_theta)
-        mask = attention_mask(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
+        mask = visibility_mask(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
         x = jnp.take(self.wte[...], tokens_bl, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         x = self._run_layers(x, sin, cos, mask)

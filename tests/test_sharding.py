@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from llada_jax import checkpoint_io, params, sharding
+from llada_jax import checkpoint_io, cli, params, sharding
 
 # What DEFAULT_RULES ask for: FSDP over the model dim, tensor parallel over heads / MLP / vocab.
 EXPECTED_SPECS = {
@@ -119,3 +118,13 @@ def test_indivisible_params_are_an_error_and_activations_stay_replicated(mesh):
 def test_constrain_is_a_no_op_without_mesh():
     x = jnp.ones((2, 3, 4))
     assert sharding.constrain(x, ("batch", "length", "act_embed")) is x
+
+
+def test_cli_import_with_mesh_writes_the_same_params(hf_dir, tmp_path):
+    assert cli.main(["import-hf", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "ckpt"),
+                     "--mesh", "fsdp=4,tensor=2"]) == 0
+    _, restored = checkpoint_io.load_params(tmp_path / "ckpt")
+    _, direct = params.load_hf(hf_dir)
+    for path, array in _flat_params(direct).items():
+        assert _flat_params(restored)[path].dtype == array.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(_flat_params(restored)[path]), np.asarray(array))

@@ -21,6 +21,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 _DTYPES = ("float32", "bfloat16", "float16")
 OWN_KEY = "llada_jax"
+# Our ModelConfig fields that are not HF fields (kept under OWN_KEY in config.json).
+RUN_SETTINGS = ("causal", "scan_layers", "remat_policy", "param_dtype", "dtype", "attention_impl")
 
 # Defaults of configuration_llada.ModelConfig for the fields we read, used when a key is absent.
 _HF_DEFAULTS: dict[str, Any] = {
@@ -151,6 +153,9 @@ class ModelConfig:
             raise ConfigError("unsupported LLaDA config.json: " + "; ".join(problems))
         own = dict(hf.get(OWN_KEY) or {})
         own.update(overrides)
+        unknown = own.keys() - set(RUN_SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown run settings {sorted(unknown)}; they are {RUN_SETTINGS}")
         mlp_hidden = get("mlp_hidden_size") or get("mlp_ratio") * get("d_model")
         return cls(
             d_model=get("d_model"), n_heads=get("n_heads"), n_layers=get("n_layers"),
@@ -178,8 +183,7 @@ class ModelConfig:
         })
         if hf.get("multi_query_attention") is not None:  # n_kv_heads now says it all
             hf["multi_query_attention"] = None
-        hf[OWN_KEY] = {f: getattr(self, f) for f in ("causal", "scan_layers", "remat_policy",
-                                                     "param_dtype", "dtype", "attention_impl")}
+        hf[OWN_KEY] = {f: getattr(self, f) for f in RUN_SETTINGS}
         return hf
 
 

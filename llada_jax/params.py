@@ -38,6 +38,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files of an HF dir that are weights or that export writes itself; everything else is copied.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack)$|.*\.index\.json$|config\.json$")
+_MAX_LISTED = 50  # problems shown in one error; the count says how many there are
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 
@@ -188,8 +189,11 @@ def load_hf(hf_dir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None
         layout = hf_layout(cfg)
         problems = _check(reader, layout)
         if problems:
+            shown = problems[:_MAX_LISTED]
+            if len(problems) > _MAX_LISTED:
+                shown.append(f"... and {len(problems) - _MAX_LISTED} more")
             raise ConversionError(f"{hf_dir}: {len(problems)} problem(s) with the weights:\n  "
-                                  + "\n  ".join(problems))
+                                  + "\n  ".join(shown))
         cfg = cfg.replace(param_dtype=dtype or _source_dtype(reader, layout))
         graphdef, state = nnx.split(abstract_model(cfg))
         shardings = None if mesh is None else nnx.to_pure_dict(sharding_lib.param_shardings(

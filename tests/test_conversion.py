@@ -160,3 +160,8 @@ def test_parse_size():
     assert params.parse_size("123") == 123
     with pytest.raises(params.ConversionError, match="bad size"):
         params.parse_size("5 gigs")
+
+
+def test_unknown_run_setting_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"unknown run settings \['remat'\]"):
+        ModelConfig.from_hf_config(hf_fixtures.hf_config(), remat="full")

@@ -17,8 +17,8 @@ import json
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots")
-# "splash" (a TPU Pallas kernel) is the slot left for issue 7; see modeling.ATTENTION_IMPLS.
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+# See modeling.ATTENTION_IMPLS; "splash" is the TPU Pallas kernel (llada_jax/splash.py).
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash")
 _DTYPES = ("float32", "bfloat16", "float16")
 OWN_KEY = "llada_jax"
 # Our ModelConfig fields that are not HF fields (kept under OWN_KEY in config.json).

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llada_jax import splash
 from llada_jax.config import ModelConfig
 from llada_jax.sharding import constrain
 
@@ -129,10 +130,11 @@ def dot_product_attention(q_blnh, k_blkh, v_blkh, mask_bqk):
 
 
 # Name -> fn(q [B,L,N,hd], k [B,L,K,hd], v [B,L,K,hd], mask [B,L,L] | None) -> [B,L,N,hd].
-# A TPU splash-attention kernel registers here as "splash" (issue 7).
+# "splash" (TPU Pallas kernel) takes a splash.SegmentMask in place of the dense mask.
 ATTENTION_IMPLS: dict[str, Callable] = {
     "xla": xla_attention,
     "dot_product_attention": dot_product_attention,
+    "splash": splash.splash_attention,
 }
 
 
@@ -194,7 +196,8 @@ class LLaDAModel(nnx.Module):
             positions_bl = (jnp.broadcast_to(jnp.arange(tokens_bl.shape[1]), tokens_bl.shape)
                             if segment_ids_bl is None else positions_from_segments(segment_ids_bl))
         sin, cos = rope_tables(positions_bl, cfg.head_dim, cfg.rope_theta)
-        mask = visibility_mask(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
+        mask_fn = splash.segment_mask if cfg.attention_impl == "splash" else visibility_mask
+        mask = mask_fn(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
         x = jnp.take(self.wte[...], tokens_bl, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         x = self._run_layers(x, sin, cos, mask)

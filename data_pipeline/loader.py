@@ -1,0 +1,136 @@
+"""grain pipeline: stored examples -> packed, fixed-shape batches (the batch format of COMMON.md).
+
+    it = make_loader(data_dir, "train", batch_size=B, seq_len=L, top_k=K, seed=0)
+    batch = next(it)          # dict of numpy arrays, B / shard_count rows of length L
+    state = it.get_state()    # JSON-able; it.set_state(state) resumes exactly there
+    meta = read_metadata(data_dir)   # top_k, max_length, examples per split, tokenizer info
+
+`make_loader(data_dir, split, *, batch_size, seq_len, top_k=None, seed=0, num_epochs=None,
+shuffle=True, shard_index=None, shard_count=None, pack=True, num_packing_bins=None,
+prefetch=2) -> grain DatasetIterator`:
+- data_dir: the `--out` of `llada-jax preprocess` (or its teacher_targets/1.0.0 directory);
+- batch_size: GLOBAL rows; each host yields batch_size / shard_count rows;
+- shard_index / shard_count: default jax.process_index() / jax.process_count(); the host takes
+  every shard_count-th example of the split, then shuffles its share (seed, reshuffled per epoch);
+- num_epochs None: repeat forever (only full batches); a finite count ends with a last batch
+  padded by empty rows (segment_ids 0, target_mask False) so shapes never change;
+- pack: first-fit packing of several examples per row (segment_ids 1..n, positions restart at 0
+  per example), else one example per row; examples longer than seq_len are cut to seq_len;
+- top_k (K): teacher slots per position; default the dataset's top_k. Smaller K keeps the K
+  largest (renormalised again where the dataset stored renormalised top-5).
+
+Batch: tokens, positions, segment_ids (int32 [B, L]); prompt_mask, target_mask (bool [B, L]);
+teacher_ids (int32 [B, L, K], 0 unused); teacher_logprobs (float32 [B, L, K], -inf unused).
+The iterator state is grain's, so `grain.checkpoint.CheckpointSave(it)` /
+`CheckpointRestore(it)` store it inside an orbax CheckpointManager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from data_pipeline import records
+
+_PAD = {"tokens": 0, "prompt_mask": False, "target_mask": False, "teacher_ids": 0,
+        "teacher_logprobs": -np.inf}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+    top_k: int
+    max_length: int
+    student_vocab_size: int
+    alignment_mode: str
+    num_examples: dict[str, int]
+    options: dict
+
+
+def read_metadata(data_dir: str) -> DatasetMeta:
+    info = records.read_info(data_dir)
+    m = info.metadata
+    return DatasetMeta(int(m["top_k"]), int(m["max_length"]), int(m["student_vocab_size"]),
+                       m["alignment_mode"], {s: info.splits[s].num_examples for s in info.splits},
+                       dict(m["options"]))
+
+
+def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
+                top_k: int | None = None, seed: int = 0, num_epochs: int | None = None,
+                shuffle: bool = True, shard_index: int | None = None,
+                shard_count: int | None = None, pack: bool = True,
+                num_packing_bins: int | None = None, prefetch: int = 2):
+    if shard_index is None or shard_count is None:
+        import jax
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if batch_size % shard_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by the "
+                         f"{shard_count} hosts")
+    rows = batch_size // shard_count
+    top_k = top_k or read_metadata(data_dir).top_k
+    ds = grain.MapDataset.source(records.open_split(data_dir, split))
+    ds = ds[shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
+                         f"of {shard_count}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(lambda ex: to_positions(ex, top_k, seq_len))
+    it = ds.to_iter_dataset()
+    if pack:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={k: seq_len for k in _PAD}, num_packing_bins=num_packing_bins or rows,
+            shuffle_bins=False, padding_struct=_PAD)
+        it = it.map(_from_packed)
+    else:
+        it = it.map(lambda ex: _pad_row(ex, seq_len))
+    it = it.batch(rows, drop_remainder=num_epochs is None).map(lambda b: _pad_batch(b, rows))
+    if prefetch:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+    return iter(it)
+
+
+def to_positions(example: dict, top_k: int, seq_len: int) -> dict[str, np.ndarray]:
+    """A stored example -> per-token arrays [n] / [n, K] (n = min(len, seq_len))."""
+    n = min(len(example["tokens"]), seq_len)
+    mask = records.target_mask(example)
+    ids = np.zeros((len(mask), top_k), np.int32)
+    logprobs = np.full((len(mask), top_k), -np.inf, np.float32)
+    k = min(top_k, example["teacher_ids"].shape[1])
+    ids[mask, :k] = example["teacher_ids"][:, :k]
+    logprobs[mask, :k] = example["teacher_logprobs"][:, :k]
+    if k < example["teacher_ids"].shape[1] and not example["tail_known"]:
+        with np.errstate(divide="ignore", invalid="ignore"):  # rows without targets stay -inf
+            norm = np.log(np.exp(logprobs).sum(-1, keepdims=True))
+        logprobs = np.where(mask[:, None], logprobs - norm, logprobs)
+    return {"tokens": example["tokens"][:n].astype(np.int32),
+            "prompt_mask": np.arange(n) < example["prompt_length"],
+            "target_mask": mask[:n], "teacher_ids": ids[:n], "teacher_logprobs": logprobs[:n]}
+
+
+def _from_packed(packed: dict) -> dict[str, np.ndarray]:
+    row = {k: packed[k] for k in _PAD}
+    row["segment_ids"] = packed["tokens_segment_ids"].astype(np.int32)
+    row["positions"] = packed["tokens_positions"].astype(np.int32)
+    return row
+
+
+def _pad_row(ex: dict, seq_len: int) -> dict[str, np.ndarray]:
+    n = len(ex["tokens"])
+    row = {k: _pad_to(v, seq_len, _PAD[k]) for k, v in ex.items()}
+    row["segment_ids"] = _pad_to(np.ones(n, np.int32), seq_len, 0)
+    row["positions"] = _pad_to(np.arange(n, dtype=np.int32), seq_len, 0)
+    return row
+
+
+def _pad_to(x: np.ndarray, length: int, value) -> np.ndarray:
+    out = np.full((length,) + x.shape[1:], value, x.dtype)
+    out[:len(x)] = x
+    return out
+
+
+def _pad_batch(batch: dict, rows: int) -> dict[str, np.ndarray]:
+    """Fills a short last batch with empty rows (segment_ids 0)."""
+    return {k: _pad_to(v, rows, _PAD.get(k, 0)) if len(v) < rows else v
+            for k, v in batch.items()}

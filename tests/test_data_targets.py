@@ -1,0 +1,161 @@
+"""Targets: top-k log-probs in student vocabulary vs dense float64 NumPy references, unit and
+end to end through `preprocess` with two different real tokenizers."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from data_pipeline import records, targets
+from data_pipeline.convert import Options
+from data_pipeline.preprocess import preprocess
+from tests.data_helpers import make_tokenizers, teacher_record, write_json
+
+
+def _dense_logprobs(logits):
+    x = np.asarray(logits, np.float64)
+    return x - np.log(np.sum(np.exp(x - x.max()))) - x.max()
+
+
+def test_full_logits_identity_matches_dense_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, 1000)
+    t = targets.from_full_logits(logits, None, 1000, 16)
+    ref = _dense_logprobs(logits)
+    order = np.argsort(-ref)[:16]
+    np.testing.assert_array_equal(t.ids, order)
+    np.testing.assert_allclose(t.logprobs, ref[order], rtol=1e-6)
+    assert t.tail_known and t.mass_kept == 1.0
+
+
+def test_full_logits_mapping_merges_mass_and_sends_unmapped_to_tail():
+    logits = np.log(np.array([0.4, 0.1, 0.2, 0.25, 0.05]))
+    id_map = np.array([2, 2, -1, 0, 1])  # teacher 0 and 1 both spell student token 2
+    t = targets.from_full_logits(logits, id_map, 3, 2)
+    np.testing.assert_array_equal(t.ids, [2, 0])
+    np.testing.assert_allclose(np.exp(t.logprobs), [0.5, 0.25], rtol=1e-6)
+    assert t.mass_kept == pytest.approx(0.8)  # teacher 2 has no student token
+    assert 1 - np.exp(t.logprobs).sum() == pytest.approx(0.25, abs=1e-6)  # tail: 0.2 + 0.05
+
+
+def test_top5_renormalises_over_mapped_candidates():
+    logits = np.array([3.0, 2.0, 1.0, 0.5, 0.0])
+    t = targets.from_top5(np.array([7, -1, 4, 7, 9]), logits, 8)
+    p = np.exp(logits) / np.exp(logits).sum()
+    kept = p[[0, 2, 3, 4]].sum()
+    np.testing.assert_array_equal(t.ids, [7, 4, 9])
+    np.testing.assert_allclose(np.exp(t.logprobs), np.array([p[0] + p[3], p[2], p[4]]) / kept,
+                               rtol=1e-6)
+    assert not t.tail_known and t.mass_kept == pytest.approx(kept)
+    assert targets.from_top5(np.array([-1, -1]), np.array([1.0, 0.0]), 4) is None
+
+
+def _gpt2_byte_decoder():
+    """Reference byte-level table, written independently of data_pipeline.alignment."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _reference_example(rec, t_tok, s_tok, top_k):
+    """Dense reference: teacher/student char offsets from the tokenizers' own encodings (ASCII
+    text, so chars are bytes), vocab by decoded strings, q = sum of teacher probs per student id."""
+    dec = _gpt2_byte_decoder()
+    special = {"<|pad|>", "<|eot|>", "<|mask|>"}
+
+    def t_bytes(tok):
+        return tok.encode() if tok in special else bytes(dec[c] for c in tok)
+
+    def s_bytes(tok):
+        if tok.startswith("<0x") and len(tok) == 6:
+            return bytes([int(tok[3:5], 16)])
+        return tok.encode() if tok in special else tok.replace("▁", " ").encode()
+
+    s_vocab = {s_bytes(tok): i for tok, i in sorted(s_tok.get_vocab().items(), key=lambda x: -x[1])}
+    v_s = max(s_tok.get_vocab().values()) + 1
+    t_enc = t_tok.encode(rec["response"], add_special_tokens=False)
+    s_enc = s_tok.encode(rec["response"], add_special_tokens=False)
+    t_at = {o[0]: i for i, o in enumerate(t_enc.offsets)}
+    plen = len(s_tok.encode(rec["prompt"], add_special_tokens=False).ids)
+    out = {}
+    for j, (start, _) in enumerate(s_enc.offsets):
+        if start not in t_at or (j == 0 and s_enc.tokens[0] == "▁"):  # a bare dummy prefix
+            continue
+        p = np.exp(_dense_logprobs(rec["logits"][t_at[start]]["full_logits"]))
+        q = np.zeros(v_s)
+        for t_id, pt in enumerate(p):
+            s_id = s_vocab.get(t_bytes(t_tok.id_to_token(t_id)))
+            if s_id is not None:
+                q[s_id] += pt
+        top = np.argsort(-q, kind="stable")[:top_k]
+        out[plen + j] = (top, np.log(q[top]))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stored_targets_match_dense_reference_across_tokenizers(tmp_path, workers):
+    tdir, sdir = make_tokenizers(str(tmp_path))
+    t_tok, s_tok = (Tokenizer.from_file(f"{d}/tokenizer.json") for d in (tdir, sdir))
+    rng = np.random.default_rng(1)
+    texts = ["Paris is the capital of France.", "The lazy dog sleeps; the fox jumps!",
+             "def add(a, b): return a + b", "Speculative decoding drafts tokens."]
+    recs = [teacher_record(t_tok, f"Question {i}: ", t, rng) for i, t in enumerate(texts)]
+    path = write_json(str(tmp_path / "in.json"), recs)
+    top_k = 6
+    report = preprocess([path], str(tmp_path / "out"), Options(sdir, tdir, 64, top_k,
+                                                               validation_fraction=0.0),
+                        workers=workers)
+    assert (report["read"], report["written"]) == (4, 4)
+    by_id = {hashlib.sha256(r["prompt"].encode() + b"\0" + r["response"].encode())
+             .digest()[:8].hex(): r for r in recs}
+    src = records.open_split(str(tmp_path / "out"), "train")
+    for i in range(len(src)):
+        ex = src[i]
+        rec = by_id[ex["example_id"].decode()]
+        ref = _reference_example(rec, t_tok, s_tok, top_k)
+        positions = np.flatnonzero(records.target_mask(ex))
+        assert sorted(ref) == positions.tolist()
+        for row, pos in enumerate(positions):
+            ref_ids, ref_lp = ref[pos]
+            n = np.isfinite(ex["teacher_logprobs"][row]).sum()
+            np.testing.assert_allclose(ex["teacher_logprobs"][row][:n], ref_lp[:n], rtol=1e-5)
+            # Ids must agree except among exact ties of probability.
+            assert set(ex["teacher_ids"][row][:n]) == set(ref_ids[:n]) or \
+                np.allclose(np.sort(ref_lp[:n]), np.sort(ex["teacher_logprobs"][row][:n]))
+        assert ex["tail_known"]
+        np.testing.assert_array_equal(
+            ex["tokens"], s_tok.encode(rec["prompt"], add_special_tokens=False).ids
+            + s_tok.encode(rec["response"], add_special_tokens=False).ids)
+    cov = report["coverage"]
+    assert 0 < cov["positions_kept_pct"] < 100 and 0 < cov["teacher_mass_kept_pct"] <= 100
+    assert report["alignment_mode"] == "mapped"
+
+
+def test_identical_tokenizers_give_exact_identity(tmp_path):
+    tdir, _ = make_tokenizers(str(tmp_path))
+    t_tok = Tokenizer.from_file(f"{tdir}/tokenizer.json")
+    rng = np.random.default_rng(2)
+    rec = teacher_record(t_tok, "Q: ", "Snow ☃ falls on the café.", rng)
+    path = write_json(str(tmp_path / "in.jsonl"), [rec], jsonl=True)
+    for teacher in (tdir, None):  # given, or assumed (and verified on the record)
+        out = str(tmp_path / f"out{teacher is None}")
+        report = preprocess([path], out, Options(tdir, teacher, 64, 4, validation_fraction=0.0))
+        assert report["coverage"]["positions_kept_pct"] == 100.0
+        ex = records.open_split(out, "train")[0]
+        plen = ex["prompt_length"]
+        np.testing.assert_array_equal(ex["tokens"][plen:], [e["chosen_token_id"] for e in rec["logits"]])
+        for row, e in enumerate(rec["logits"]):
+            ref = _dense_logprobs(e["full_logits"])
+            order = np.argsort(-ref, kind="stable")[:4]
+            np.testing.assert_array_equal(ex["teacher_ids"][row], order)
+            np.testing.assert_allclose(ex["teacher_logprobs"][row], ref[order], rtol=1e-6)
+        assert json.load(open(f"{out}/teacher_targets/1.0.0/report.json"))["read"] == 1

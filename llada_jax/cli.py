@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("llada_jax.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
     "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
+    "generate-teacher": ("llada_jax.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
 }
 
 

@@ -1,0 +1,342 @@
+"""Teacher-logit generation: a causal LLaMA-style LM continues prompts, its distributions recorded.
+
+    llada-jax generate-teacher --teacher CKPT --tokenizer TOK_DIR --prompts prompts.txt \
+        --out teacher.jsonl [--max-new-tokens 64] [--greedy | --temperature 0.8 --top-p 0.95] \
+        [--full-logits] [--batch-size 8] [--chat-template]
+
+Writes the seed format (DESIGN.md "Data contract"), one object per prompt:
+`{prompt, response, logits: [{position, chosen_token, chosen_token_id, top_5: [{token, token_id,
+logit}], full_logits}]}`. Entry i is the teacher's next-token distribution BEFORE it emitted
+response token i (DESIGN.md "No shift"); `full_logits` (length vocab_size) only with
+--full-logits. Token strings are the tokenizer's decode of that one id, and `response` is the
+decode of the generated ids, the stop token included, so decoding the chosen ids gives it back.
+
+`prompt` is the prompt text as given; the teacher tokenizer adds its own BOS (LLaMA-3's
+post-processor does). With --chat-template the prompt becomes the tokenizer's chat template
+applied to one user message (BOS and headers as text), and that text is the record's `prompt`.
+
+Rows are left-padded to a fixed length per batch (positions start at 0 at each row's first real
+token, padding hidden by the attention mask); every step reruns the jitted model over the whole
+fixed-length buffer, which is cheap at teacher-demo sizes and compiles once per prompt bucket.
+Output is streamed (JSONL line by line; a JSON array element by element), so memory stays
+bounded by one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llada_jax.checkpoint_io import load_params
+from llada_jax.modeling import LLaDAModel
+
+TOP_K = 5
+PROMPT_BUCKET = 16        # prompt lengths round up to this: few distinct shapes to compile
+LOGIT_DECIMALS = 5
+
+
+class GenerateError(ValueError):
+    """Bad input to generate-teacher (prompt file, checkpoint, options), with what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to the top-p nucleus."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def read_prompts(paths: Sequence[str | pathlib.Path]) -> Iterator[str]:
+    """Prompts from text files (one per non-blank line), .jsonl or .json (objects with "prompt")."""
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise GenerateError(f"prompts file {path} does not exist")
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            items = enumerate(rows if isinstance(rows, list) else [rows], 1)
+            yield from (_prompt_field(r, f"{path} element {i}") for i, r in items)
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if path.suffix != ".jsonl":
+                    yield line.rstrip("\r\n")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GenerateError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line of "
+                                        f"a .jsonl prompts file is one object with a \"prompt\"") from e
+                yield _prompt_field(record, f"{path}:{line_no}")
+
+
+def _prompt_field(record, where: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise GenerateError(f"{where}: expected an object with a string \"prompt\" field, got "
+                            f"{json.dumps(record)[:80]}")
+    return record["prompt"]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str,
+               chat_template: bool) -> tuple[str, list[int]]:
+    """(the record's prompt text, the ids the teacher sees)."""
+    if not chat_template:
+        return prompt, tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise GenerateError("--chat-template: the teacher tokenizer has no chat_template "
+                            "(tokenizer_config.json / chat_template.jinja); drop the flag")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def sample_next(logits_bv: jax.Array, key: jax.Array, temperature: float,
+                top_p: float) -> jax.Array:
+    """int32 [B]: argmax (temperature 0), else a draw from the tempered top-p nucleus."""
+    if temperature == 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled = logits_bv / temperature
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep a token while the mass strictly before it is < top_p (the first one always stays).
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "temperature", "top_p"))
+def decode_step(graphdef, state, tokens_bl, pad_b, column, key, *, vocab_size: int,
+                temperature: float, top_p: float):
+    """One token for every row: the distribution at `column` (the last filled one), its top-k,
+    the chosen id written at column + 1.
+
+    tokens_bl int32 [B, L] left-padded by pad_b [B]; returns (tokens_bl, chosen [B],
+    top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size]).
+    """
+    model = nnx.merge(graphdef, state)
+    cols = jnp.arange(tokens_bl.shape[1])
+    positions_bl = jnp.maximum(cols[None, :] - pad_b[:, None], 0)
+    hidden_bld = model(tokens_bl, positions_bl=positions_bl,
+                       attention_mask_bl=cols[None, :] >= pad_b[:, None], return_hidden=True)
+    hidden_bd = jax.lax.dynamic_index_in_dim(hidden_bld, column, axis=1, keepdims=False)
+    # The model's own LM-head maths, for one column only.
+    logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, model.lm_head_weight().astype(hidden_bd.dtype),
+                           preferred_element_type=jnp.float32)[:, :vocab_size]
+    chosen_b = sample_next(logits_bv, key, temperature, top_p)
+    top_logits, top_ids = jax.lax.top_k(logits_bv, TOP_K)
+    tokens_bl = jax.lax.dynamic_update_slice_in_dim(tokens_bl, chosen_b[:, None], column + 1, axis=1)
+    return tokens_bl, chosen_b, top_ids, top_logits, logits_bv
+
+
+@dataclasses.dataclass
+class _Row:
+    ids: list[int] = dataclasses.field(default_factory=list)
+    entries: list[tuple] = dataclasses.field(default_factory=list)  # (top_ids, top_logits, full)
+    done: bool = False
+
+
+def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling: Sampling,
+                   stop_ids: set[int], pad_id: int, vocab_size: int, key: jax.Array,
+                   batch_size: int, full_logits: bool) -> list[_Row]:
+    """Continues each prompt (<= batch_size of them) until a stop id or max_new_tokens."""
+    width = -(-max(map(len, ids_per_prompt)) // PROMPT_BUCKET) * PROMPT_BUCKET
+    length = width + sampling.max_new_tokens
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    pads = np.zeros(batch_size, np.int32)
+    for r in range(batch_size):  # unused rows repeat the first prompt: one shape per bucket
+        ids = ids_per_prompt[r] if r < len(ids_per_prompt) else ids_per_prompt[0]
+        pads[r] = width - len(ids)
+        tokens[r, pads[r]:width] = ids
+    graphdef, state = nnx.split(model)
+    rows = [_Row() for _ in ids_per_prompt]
+    tokens_bl = jnp.asarray(tokens)
+    for step in range(sampling.max_new_tokens):
+        key, sub = jax.random.split(key)
+        tokens_bl, chosen, top_ids, top_logits, logits = decode_step(
+                graphdef, state, tokens_bl, jnp.asarray(pads), width - 1 + step, sub,
+                vocab_size=vocab_size, temperature=sampling.temperature, top_p=sampling.top_p)
+        chosen, top_ids, top_logits = map(np.asarray, (chosen, top_ids, top_logits))
+        logits = np.asarray(logits) if full_logits else None
+        for r, row in enumerate(rows):
+            if row.done:
+                continue
+            row.ids.append(int(chosen[r]))
+            row.entries.append((top_ids[r], top_logits[r], None if logits is None else logits[r]))
+            row.done = int(chosen[r]) in stop_ids
+        if all(row.done for row in rows):
+            break
+    return rows
+
+
+# ----------------------------------------------------------------------------- records
+
+class _TokenText:
+    """id -> the tokenizer's decode of that single id, cached."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)
+        return self.cache[token_id]
+
+
+def _logit(x) -> float:
+    return round(float(x), LOGIT_DECIMALS)
+
+
+def to_record(prompt: str, row: _Row, tokenizer: PreTrainedTokenizerBase,
+              token_text: _TokenText) -> dict:
+    entries = []
+    for position, (token_id, (top_ids, top_logits, full)) in enumerate(zip(row.ids, row.entries)):
+        entry = {"position": position, "chosen_token": token_text(token_id),
+                 "chosen_token_id": token_id,
+                 "top_5": [{"token": token_text(int(i)), "token_id": int(i), "logit": _logit(v)}
+                           for i, v in zip(top_ids, top_logits)]}
+        if full is not None:
+            entry["full_logits"] = [_logit(v) for v in full]
+        entries.append(entry)
+    response = tokenizer.decode(row.ids, skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+    return {"prompt": prompt, "response": response, "logits": entries}
+
+
+def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+                     sampling: Sampling = Sampling(), *, batch_size: int = 8,
+                     full_logits: bool = False, chat_template: bool = False) -> Iterator[dict]:
+    """Seed-format records, one per prompt, in prompt order, produced batch by batch."""
+    cfg = model.cfg
+    if not cfg.causal:
+        raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
+                            "is false); generate-teacher needs a causal LM")
+    if len(tokenizer) > cfg.vocab_size:
+        raise GenerateError(f"the tokenizer has {len(tokenizer)} ids but the teacher's vocab_size "
+                            f"is {cfg.vocab_size}: is --tokenizer the teacher's tokenizer?")
+    stop_ids = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
+    pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
+    token_text = _TokenText(tokenizer)
+    key = jax.random.key(sampling.seed)
+    batch: list[tuple[str, list[int]]] = []
+
+    def flush() -> Iterator[dict]:
+        nonlocal key
+        key, sub = jax.random.split(key)
+        rows = generate_batch(model, [ids for _, ids in batch], sampling, stop_ids, pad_id,
+                              cfg.vocab_size, sub, batch_size, full_logits)
+        yield from (to_record(text, row, tokenizer, token_text) for (text, _), row in zip(batch, rows))
+        batch.clear()
+
+    for index, prompt in enumerate(prompts):
+        text, ids = prompt_ids(tokenizer, prompt, chat_template)
+        if len(ids) + sampling.max_new_tokens > cfg.max_sequence_length:
+            raise GenerateError(f"prompt {index} has {len(ids)} tokens; with --max-new-tokens "
+                                f"{sampling.max_new_tokens} that passes the teacher's "
+                                f"max_sequence_length {cfg.max_sequence_length}: shorten it")
+        batch.append((text, ids))
+        if len(batch) == batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def _checked_out_path(out_path: str | pathlib.Path) -> pathlib.Path:
+    out_path = pathlib.Path(out_path)
+    if out_path.suffix not in (".json", ".jsonl"):
+        raise GenerateError(f"--out {out_path}: the name must end in .json or .jsonl")
+    return out_path
+
+
+def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
+    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count."""
+    out_path = _checked_out_path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out_path.suffix == ".jsonl"
+    count = 0
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write("" if jsonl else "[\n")
+        for record in records:
+            f.write(("" if jsonl or not count else ",\n") + json.dumps(record) + ("\n" if jsonl else ""))
+            count += 1
+        f.write("" if jsonl else "\n]\n")
+    return count
+
+
+def load_teacher(ckpt: str | pathlib.Path,
+                 tokenizer_dir: str | pathlib.Path) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
+    """A params checkpoint in float32 (params and compute) and its tokenizer directory."""
+    _, model = load_params(ckpt, dtype="float32", compute_dtype="float32")
+    return model, AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path,
+                     prompts: Sequence[str | pathlib.Path], out: str | pathlib.Path,
+                     sampling: Sampling = Sampling(), **options) -> int:
+    """The subcommand as a function (the demo calls it); `options` go to generate_records."""
+    _checked_out_path(out)
+    model, tok = load_teacher(teacher, tokenizer)
+    return write_records(generate_records(model, tok, read_prompts(prompts), sampling, **options), out)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="causal params checkpoint directory")
+    parser.add_argument("--tokenizer", required=True, help="teacher tokenizer directory (HF)")
+    parser.add_argument("--prompts", required=True, nargs="+",
+                        help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
+    parser.add_argument("--out", required=True, help="output .jsonl or .json (seed format)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-logits", action="store_true",
+                        help="also write every logit (vocab_size floats per response token)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--chat-template", action="store_true",
+                        help="wrap each prompt in the tokenizer's chat template as a user turn")
+
+
+def run(args: argparse.Namespace) -> int:
+    problems = []
+    if args.greedy and args.temperature > 0:
+        problems.append("--greedy and --temperature > 0 contradict each other; pick one")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        problems.append("need --temperature >= 0 and 0 < --top-p <= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        problems.append("need --max-new-tokens >= 1 and --batch-size >= 1")
+    if problems:
+        print("generate-teacher: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    try:
+        count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
+                                 batch_size=args.batch_size, full_logits=args.full_logits,
+                                 chat_template=args.chat_template)
+    except GenerateError as e:
+        print(f"generate-teacher: {e}", file=sys.stderr)
+        return 2
+    print(f"generate-teacher: wrote {count} records to {args.out}")
+    return 0

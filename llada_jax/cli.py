@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("data_pipeline.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
     "import-hf": ("llada_jax.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
     "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
     "generate-teacher": ("llada_jax.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),

@@ -28,8 +28,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-import tensorflow_datasets as tfds
-
 from data_pipeline import records
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.reader import RawRecord, expand_inputs, iter_raw_records
@@ -106,12 +104,19 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
             "workers": workers, "metadata": metadata}))
         assert counts == {s: summary["written_per_split"].get(s, 0) for s in records.SPLITS}
 
-    builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
-                                     on_complete=on_complete)
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(download_mode=mode))
+    # --overwrite: the old dataset stays (renamed aside) until the new one is complete.
+    previous = f"{final}.replaced-{os.getpid()}"
+    if os.path.isdir(final):
+        os.rename(final, previous)
+    try:
+        builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
+                                         on_complete=on_complete)
+        builder.download_and_prepare(file_format="array_record")
+    except BaseException:
+        if os.path.isdir(previous):
+            os.rename(previous, final)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     return summary
 
 

@@ -103,7 +103,7 @@ def to_positions(example: dict, top_k: int, seq_len: int) -> dict[str, np.ndarra
     if k < example["teacher_ids"].shape[1] and not example["tail_known"]:
         with np.errstate(divide="ignore", invalid="ignore"):  # rows without targets stay -inf
             norm = np.log(np.exp(logprobs).sum(-1, keepdims=True))
-        logprobs = np.where(mask[:, None], logprobs - norm, logprobs)
+            logprobs = np.where(mask[:, None], logprobs - norm, logprobs)
     return {"tokens": example["tokens"][:n].astype(np.int32),
             "prompt_mask": np.arange(n) < example["prompt_length"],
             "target_mask": mask[:n], "teacher_ids": ids[:n], "teacher_logprobs": logprobs[:n]}

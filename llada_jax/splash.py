@@ -14,6 +14,7 @@ the same kernel runs in Pallas interpret mode (slow; for tests and CPU debugging
 
 Padding (segment 0) differs from the XLA reference only at padding queries: here they attend to
 other padding positions, there to nothing. No real query ever sees a padding key in either.
+On TPU, lower it under the default matmul precision: Mosaic rejects bf16 matmuls at "highest".
 """
 
 from __future__ import annotations

@@ -1,0 +1,184 @@
+"""Ahead-of-time compilation of the train step for a Cloud TPU topology, on any machine.
+
+With the `libtpu` wheel installed, JAX describes a TPU slice that is not there
+(`jax.experimental.topologies`) and compiles for it; the executable's memory and cost analyses
+are the TPU compiler's own figures (DESIGN.md "TPU without a TPU"). The inputs are abstract
+(ShapeDtypeStructs carrying their shardings), so nothing is allocated, at any model size.
+
+    report = compile_train_step(config, "v5e-4", vocab_size=512, mask_token_id=511)
+    report.total_bytes, report.hbm_bytes, report.flops_per_device
+
+Figures are per device (one chip; v4 and v5p chips are one megacore device each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llada_jax import optim, sharding, train_step
+from llada_jax.checkpointing import with_shardings
+from llada_jax.config import ModelConfig
+from llada_jax.modeling import LLaDAModel
+
+GIB = 1024 ** 3
+# Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes
+# the topology here). setdefault: a real TPU VM's own values win.
+LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+              "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+    """A Cloud TPU slice as libtpu names it; HBM per device."""
+
+    topology: str            # e.g. "v5e:8x8" (chips along each torus axis)
+    hbm_gib: float
+    chip_config: str = "default"
+
+
+# Cloud names (TensorCores for v4/v5p, chips for v5e/v6e) -> the slice. v4 needs "megacore"
+# to give one device per chip, as JAX does on a real v4; v5p is megacore by default.
+TARGETS: dict[str, TpuTarget] = {
+    "v5e-4": TpuTarget("v5e:2x2", 16),
+    "v5e-64": TpuTarget("v5e:8x8", 16),
+    "v5p-32": TpuTarget("v5p:2x2x4", 95),
+    "v4-32": TpuTarget("v4:2x2x4", 32, chip_config="megacore"),
+    "v6e-16": TpuTarget("v6e:4x4", 32),
+}
+
+
+def topology_devices(target: str) -> list[jax.Device]:
+    """The (not attached) devices of a TARGETS slice, for a Mesh to compile against."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown TPU target {target!r}; known: {sorted(TARGETS)}")
+    for key, value in LIBTPU_ENV.items():
+        os.environ.setdefault(key, value)
+    spec = TARGETS[target]
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=spec.topology, chip_config_name=spec.chip_config,
+            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    except Exception as err:  # libtpu missing or too old: say what to install
+        raise RuntimeError(f"cannot describe TPU topology {spec.topology!r} ({err}); install the "
+                           f"libtpu wheel that jax[tpu] pins: pip install 'jax[tpu]=="
+                           f"{jax.__version__}'") from err
+    return list(topology.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """Per-device figures of one compiled train step (bytes, FLOPs)."""
+
+    target: str
+    mesh: dict[str, int]
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int          # outputs that reuse donated argument buffers
+    temp_bytes: int
+    code_bytes: int
+    flops_per_device: float   # as the cost analysis counts: a scanned layer stack as ONE layer
+    hbm_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM the executable needs: arguments + fresh outputs + temporaries + code."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, mask_token_id: int
+                 ) -> ModelConfig:
+    """The student architecture and run settings of `config.model` at a given vocabulary."""
+    m = config.model
+    return ModelConfig(
+        d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, n_layers=m.n_layers,
+        mlp_hidden_size=m.mlp_hidden_size, vocab_size=vocab_size, rope_theta=m.rope_theta,
+        mask_token_id=mask_token_id, max_sequence_length=config.data.seq_len,
+        scan_layers=m.scan_layers, remat_policy=m.remat_policy, param_dtype=m.param_dtype,
+        dtype=m.dtype, attention_impl=m.attention_impl)
+
+
+def abstract_batch(batch_size: int, seq_len: int, top_k: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The loader's batch (DESIGN.md "Batch format") as shapes."""
+    bl, blk = (batch_size, seq_len), (batch_size, seq_len, top_k)
+    return {"tokens": jax.ShapeDtypeStruct(bl, jnp.int32),
+            "positions": jax.ShapeDtypeStruct(bl, jnp.int32),
+            "segment_ids": jax.ShapeDtypeStruct(bl, jnp.int32),
+            "prompt_mask": jax.ShapeDtypeStruct(bl, jnp.bool_),
+            "target_mask": jax.ShapeDtypeStruct(bl, jnp.bool_),
+            "teacher_ids": jax.ShapeDtypeStruct(blk, jnp.int32),
+            "teacher_logprobs": jax.ShapeDtypeStruct(blk, jnp.float32)}
+
+
+def lower_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                     devices: list[jax.Device], *, top_k: int = 64,
+                     rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[jax.stages.Lowered, Any]:
+    """(lowered step, mesh): the Trainer's jit signature over abstract state and batch."""
+    mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES}, devices)
+    abstract_model = nnx.eval_shape(lambda: LLaDAModel(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    optimizer = optim.make_optimizer(config.optim, total_steps=1000)
+    abstract_state = jax.eval_shape(lambda p: train_step.init_train_state(p, optimizer),
+                                    abstract_params)
+    state_sharding = train_step.state_shardings(abstract_state, mesh, rules)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch = abstract_batch(config.data.global_batch_size, config.data.seq_len, top_k)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id),
+                   in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    # A training run's own matmul precision: a global "highest" (the tests set it for CPU
+    # numerics) makes Mosaic reject the splash kernel's bf16 matmuls.
+    with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
+        lowered = step.lower(with_shardings(abstract_state, state_sharding),
+                             with_shardings(batch, {k: batch_sharding for k in batch}),
+                             with_shardings(rng, replicated))
+    return lowered, mesh
+
+
+def compile_train_step(config: ml_collections.ConfigDict, target: str, *, vocab_size: int,
+                       mask_token_id: int, top_k: int = 64) -> CompileReport:
+    """Compiles `config`'s train step for TARGETS[target]; the compiler's per-device figures."""
+    devices = topology_devices(target)
+    model_cfg = model_config(config, vocab_size, mask_token_id)
+    lowered, mesh = lower_train_step(config, model_cfg, devices, top_k=top_k)
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return CompileReport(
+        target=target, mesh=dict(mesh.shape), argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
+        flops_per_device=float(cost["flops"]), hbm_bytes=int(TARGETS[target].hbm_gib * GIB))
+
+
+def flops_per_step(config: ml_collections.ConfigDict, target: str, *, vocab_size: int,
+                   mask_token_id: int, top_k: int = 64) -> float:
+    """Per-device FLOPs of one train step with all `config.model.n_layers` layers.
+
+    XLA's cost analysis counts the body of the layer scan once, whatever the trip count, so the
+    step is compiled with 1 and 2 unrolled layers and extrapolated (the layers are identical).
+    Pallas kernels (splash) carry no cost estimate: their FLOPs are not included.
+    """
+    flops = []
+    for n_layers in (1, 2):
+        small = config.copy_and_resolve_references()
+        small.model.update(n_layers=n_layers, scan_layers=False)
+        flops.append(compile_train_step(small, target, vocab_size=vocab_size,
+                                        mask_token_id=mask_token_id, top_k=top_k).flops_per_device)
+    return flops[0] + (config.model.n_layers - 1) * (flops[1] - flops[0])

@@ -1,0 +1,69 @@
+"""The tiny config's full train step (splash attention, chunked loss, AdamW, fsdp x tensor
+shardings, donation) compiles for a v5e 2x2 TPU slice on this CPU machine (needs libtpu).
+
+The TPU compiler's figures are checked against numbers computed here from the shapes: argument
+bytes = this device's shard of params + AdamW moments + batch; the donated state is aliased; the
+FLOPs are within a factor of 6 * matmul params * tokens (+ the loss's recomputed LM head).
+
+The widths are TPU-tile aligned (head_dim 128, every shard's minor dimension a multiple of 128)
+so that layout padding does not blur the byte counts.
+"""
+
+import math
+import pathlib
+
+import pytest
+
+from llada_jax import configlib, tpu_compile
+
+pytestmark = pytest.mark.tpu_compile
+
+TINY = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
+VOCAB, TOP_K = 1024, 128
+OVERRIDES = {"model.d_model": 256, "model.n_heads": 2, "model.n_kv_heads": 2,
+             "model.mlp_hidden_size": 512, "model.attention_impl": "splash",
+             "model.dtype": "bfloat16", "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return configlib.load_config(str(TINY), [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
+
+
+def param_counts(m) -> tuple[int, int]:
+    """(sharded matrix params, replicated norm params) of the tiny LLaDA, from its shapes."""
+    d, f, n_layers = m.d_model, m.mlp_hidden_size, m.n_layers
+    per_layer = 4 * d * d + 3 * d * f                      # q, k, v, attn_out; ff, up, ff_out
+    matrices = n_layers * per_layer + 2 * VOCAB * d         # + embedding, untied LM head
+    norms = n_layers * 2 * d + d
+    return matrices, norms
+
+
+def test_train_step_compiles_for_v5e_with_the_expected_memory(config):
+    report = tpu_compile.compile_train_step(config, "v5e-4", vocab_size=VOCAB,
+                                            mask_token_id=VOCAB - 1, top_k=TOP_K)
+    assert report.mesh == {"data": 1, "fsdp": 2, "tensor": 2}
+    matrices, norms = param_counts(config.model)
+    devices = 4
+    # params + AdamW mu + nu in fp32; matrices split over fsdp x tensor, norms replicated.
+    state_bytes = 3 * 4 * (matrices // devices + norms)
+    rows = config.data.global_batch_size // 2             # batch over data x fsdp
+    seq = config.data.seq_len
+    batch_bytes = rows * seq * (3 * 4 + 2 * 1 + TOP_K * (4 + 4))
+    assert math.isclose(report.alias_bytes, state_bytes, rel_tol=0.01)       # donation worked
+    assert math.isclose(report.argument_bytes, state_bytes + batch_bytes, rel_tol=0.01)
+    assert report.output_bytes >= report.alias_bytes
+    assert 0 < report.temp_bytes < 16 * (state_bytes + batch_bytes)
+    assert report.fits and report.total_bytes < 0.01 * report.hbm_bytes
+
+
+def test_train_step_flops_match_the_parameter_count(config):
+    flops = tpu_compile.flops_per_step(config, "v5e-4", vocab_size=VOCAB,
+                                       mask_token_id=VOCAB - 1, top_k=TOP_K)
+    m = config.model
+    tokens = config.data.global_batch_size * config.data.seq_len
+    layer_params = m.n_layers * (4 * m.d_model ** 2 + 3 * m.d_model * m.mlp_hidden_size)
+    head = m.d_model * VOCAB
+    # fwd + bwd (6 per param per token), + the chunked loss recomputes the head's forward.
+    estimate = (6 * (layer_params + head) + 2 * head) * tokens / 4
+    assert 0.8 < flops / estimate < 1.25, (flops, estimate)

@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.init = "random"          # "random" or a params checkpoint dir from `import-hf`
     c.model.init_seed = 0
+    c.model.mask_token = ""          # "" = the student tokenizer's <|mdm_mask|> / <|mask|> / ...
     c.model.d_model = 64
     c.model.n_heads = 4
     c.model.n_kv_heads = 4

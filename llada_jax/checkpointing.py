@@ -7,12 +7,17 @@ checkpoints resumes from the latest one without being asked.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from llada_jax import checkpoint_io, params, sharding, train_step
+from llada_jax.config import ModelConfig
 
 
 class TrainCheckpointer:
@@ -56,7 +61,39 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings, for `restore`."""
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their target sharding (what orbax restores onto)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+                        abstract, shardings)
+
+
+MODEL_CONFIG = "config.json"  # in a train workdir: the student's ModelConfig.to_hf_config()
+
+
+def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None):
+    """(ModelConfig, LLaDAModel) from any of: a train workdir (latest or `step` checkpoint; only
+    the params are read), a params checkpoint (`import-hf`), or an HF LLaDA directory."""
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir():
+        cfg = ModelConfig.from_hf_config(json.loads((path / MODEL_CONFIG).read_text()))
+        manager = ocp.CheckpointManager(path.absolute() / "checkpoints",
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise checkpoint_io.CheckpointError(f"{path}/checkpoints holds no finished checkpoint")
+        graphdef, abstract = nnx.split(params.abstract_model(cfg), nnx.Param)
+        mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+        shardings = train_step.state_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
+        item = {"params": with_shardings(abstract, shardings)}
+        restored = ocp.PyTreeCheckpointer().restore(
+            path.absolute() / "checkpoints" / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                        restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+        return cfg, nnx.merge(graphdef, restored["params"])
+    if (path / checkpoint_io.PARAMS_DIR).is_dir():
+        return checkpoint_io.load_params(path, mesh=mesh, rules=rules)
+    if (path / "config.json").is_file():
+        return params.load_hf(path, mesh=mesh, rules=rules)
+    raise checkpoint_io.CheckpointError(
+        f"{path} is neither a train workdir (checkpoints/), a params checkpoint (params/) nor an "
+        f"HF model directory (config.json + safetensors)")

@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("data_pipeline.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
     "import-hf": ("llada_jax.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
     "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
+    "train": ("llada_jax.train", "fine-tune the student on teacher targets (resumes by itself)"),
+    "eval": ("llada_jax.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
     "generate-teacher": ("llada_jax.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
 }
 
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from absl import logging as absl_logging  # orbax and grain log routine events as warnings
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args._module, "ACCEPTS_EXTRA", False):

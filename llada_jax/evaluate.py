@@ -1,0 +1,115 @@
+"""`llada-jax eval`: how good a drafter the student is, under the drafting condition.
+
+    llada-jax eval --ckpt CKPT --data DATA_DIR [--gamma 4 8 16] [--out eval.json]
+
+For every held-out example a cut point c is drawn in its response (fixed seed): the prompt and
+response[:c] stay visible, the rest is masked, and the student's predictions at offsets
+0..gamma-1 after the cut are scored against the teacher's stored top-k: KL, top-1 agreement,
+acceptance alpha (lower bound over the top-k, upper bound with the tail bucket) and E(gamma),
+overall and by offset within the drafted block. CKPT is a train workdir, a params checkpoint or
+an HF LLaDA directory (e.g. the output of `export-hf`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data_pipeline import loader as data_loader
+from llada_jax import masking, metrics
+from llada_jax.checkpointing import load_model
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "gamma", "mask_token_id", "chunk_size"))
+def _metric_sums(graphdef, params, batch, seed, *, gamma: int, mask_token_id: int,
+                 chunk_size: int):
+    model = nnx.merge(graphdef, params)
+    noisy, offset = masking.drafting_batch(batch, jax.random.key(seed), gamma,
+                                           mask_token_id=mask_token_id)
+    hidden = model(noisy, positions_bl=batch["positions"], segment_ids_bl=batch["segment_ids"],
+                   return_hidden=True)
+    return metrics.drafter_metric_sums(hidden, model.lm_head_weight(), batch["teacher_ids"],
+                                       batch["teacher_logprobs"], offset, gamma=gamma,
+                                       chunk_size=chunk_size)
+
+
+def evaluate_model(model, batches, *, gammas=(4, 8, 16), seed: int = 0,
+                   chunk_size: int = 256, max_batches: int | None = None) -> dict:
+    """Metric means over `batches` (an iterable of batch dicts): `metrics.summarize` output plus
+    'overall' (offsets < max(gammas)) and the number of scored positions."""
+    graphdef, params = nnx.split(model)
+    gamma = max(gammas)
+    totals = None
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        sums = _metric_sums(graphdef, params, batch, seed + i, gamma=gamma,
+                            mask_token_id=model.cfg.mask_token_id, chunk_size=chunk_size)
+        sums = jax.device_get(sums)
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if totals is None:
+        return {}
+    out = metrics.summarize(totals, tuple(gammas))
+    out["overall"] = {k: v for k, v in out[f"gamma={gamma}"].items() if v is not None}
+    out["scored_positions"] = float(np.sum(totals["count"]))
+    return out
+
+
+def evaluate_state(trainer, state, *, max_batches: int) -> dict:
+    """Periodic eval inside `train`: the trainer's model with the state's params."""
+    model = nnx.merge(trainer.graphdef, state.params)
+    batches = trainer.make_iterator(trainer.config.data.eval_split, shuffle=False, num_epochs=1)
+    return evaluate_model(model, (trainer.to_global(b) for b in batches),
+                          gammas=tuple(trainer.config.eval.gammas), chunk_size=trainer.config.loss.chunk_size,
+                          max_batches=max_batches)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="train workdir, params checkpoint or HF dir")
+    parser.add_argument("--data", required=True, help="a `llada-jax preprocess` output dir")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--gamma", type=int, nargs="+", default=[4, 8, 16],
+                        help="draft block lengths to report")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="row length (default: the dataset's longest example)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cut points")
+    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the JSON report here too")
+    parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _, model = load_model(args.ckpt)
+        meta = data_loader.read_metadata(args.data)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"llada-jax eval: {err}", file=sys.stderr)
+        return 2
+    seq_len = args.seq_len or meta.max_length
+    batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,
+                                      seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
+                                      pack=True)
+    results = evaluate_model(model, batches, gammas=tuple(args.gamma), seed=args.seed,
+                             max_batches=args.max_batches)
+    if not results:
+        print(f"llada-jax eval: split {args.split!r} of {args.data} has no examples", file=sys.stderr)
+        return 2
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    if args.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(args.tensorboard) as writer:
+            for name, value in results["overall"].items():
+                writer.add_scalar(f"eval/{name}", value, 0)
+    return 0

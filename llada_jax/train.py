@@ -1,0 +1,307 @@
+"""`llada-jax train`: the training loop around `train_step` (see DESIGN.md "Training system").
+
+    llada-jax train --config configs/tiny.py --workdir runs/tiny --config.data.dir=DATA
+
+Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM (or at the JAX
+preemption sync point on TPU) saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from data_pipeline import loader as data_loader
+from data_pipeline import records
+from llada_jax import checkpoint_io, configlib, optim, sharding, train_step
+from llada_jax.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_shardings
+from llada_jax.config import ModelConfig
+from llada_jax.configlib import ConfigError
+from llada_jax.metrics_log import MetricsLogger
+from llada_jax.modeling import LLaDAModel
+
+ACCEPTS_EXTRA = True  # --config.a.b=v overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
+    parser.add_argument("--coordinator-address", default=None,
+                        help="multi-process runs off TPU: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no console progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = configlib.load_config(args.config, args.extra)
+    except configlib.ConfigError as err:
+        print(f"llada-jax train: {err}", file=sys.stderr)
+        return 2
+    maybe_initialize_distributed(args)
+    result = Trainer(config, args.workdir, progress=not args.no_progress).fit()
+    return 0 if result is not None else 1
+
+
+def maybe_initialize_distributed(args: argparse.Namespace) -> None:
+    """Multi-host: TPU pods discover their peers; elsewhere the coordinator is given explicitly."""
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif _on_multihost_tpu():
+        jax.distributed.initialize()
+
+
+def _on_multihost_tpu() -> bool:
+    import os
+
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the step loop checks (save, then exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+
+def estimate_total_steps(config: ml_collections.ConfigDict, num_train_tokens: float) -> int:
+    """Steps for `num_epochs` passes when rows are packed to `seq_len` (a slight over-estimate:
+    packing leaves some room in each row; the loop also stops when the data runs out)."""
+    if config.train.num_steps > 0:
+        return int(config.train.num_steps)
+    rows = math.ceil(num_train_tokens / config.data.seq_len)
+    return max(1, math.ceil(rows * config.train.num_epochs / config.data.global_batch_size))
+
+
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+EOS_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|eot|>", "</s>", "<eos>")
+
+
+def student_special_ids(tokenizer_path: str, mask_token: str) -> tuple[int, int | None]:
+    """(mask id, eos id or None) of the student tokenizer the dataset was made with."""
+    from tokenizers import Tokenizer
+
+    path = pathlib.Path(tokenizer_path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    candidates = (mask_token,) if mask_token else MASK_TOKENS
+    mask_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
+    if mask_id is None:
+        raise ConfigError(f"the student tokenizer {tokenizer_path} has none of the mask tokens "
+                          f"{candidates}; set --config.model.mask_token to its mask token")
+    eos_id = next((tok.token_to_id(t) for t in EOS_TOKENS if tok.token_to_id(t) is not None), None)
+    return mask_id, eos_id
+
+
+def mean_example_length(data_dir: str, split: str = "train", sample: int = 512) -> float:
+    """Mean stored example length over an evenly spaced sample of the split (random access)."""
+    source = records.open_split(data_dir, split)
+    n = len(source)
+    if n == 0:
+        raise ConfigError(f"{data_dir}: split {split!r} is empty; nothing to train on")
+    picks = np.linspace(0, n - 1, min(n, sample)).astype(int)
+    return float(np.mean([len(source[int(i)]["tokens"]) for i in picks]))
+
+
+def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_token_id: int,
+                     eos_token_id: int | None) -> ModelConfig:
+    """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
+    m = config.model
+    run_settings = dict(scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                        param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl)
+    if m.init != "random":
+        cfg = checkpoint_io.load_config(m.init, **run_settings)
+        if cfg.vocab_size < vocab_size:
+            raise ConfigError(f"model.init={m.init} has vocab_size {cfg.vocab_size} but the data "
+                              f"uses student token ids up to {vocab_size - 1}: wrong checkpoint "
+                              f"or wrong data dir?")
+        return cfg
+    return ModelConfig(
+        d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, n_layers=m.n_layers,
+        mlp_hidden_size=m.mlp_hidden_size, vocab_size=vocab_size, rope_theta=m.rope_theta,
+        mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        max_sequence_length=config.data.seq_len, **run_settings)
+
+
+class Trainer:
+    """Builds the sharded state, the jitted step and the data iterator; `fit()` runs the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                 progress: bool = True):
+        if not config.data.dir:
+            raise ConfigError("config field data.dir is empty: pass "
+                              "--config.data.dir=DATA_DIR (a `llada-jax preprocess` output)")
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.progress = progress
+        self.mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES})
+        self.rules = sharding.DEFAULT_RULES
+        self.meta = data_loader.read_metadata(config.data.dir)
+        mask_id, eos_id = student_special_ids(self.meta.options["student_tokenizer"],
+                                              config.model.mask_token)
+        self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
+        abstract_model = nnx.eval_shape(lambda: LLaDAModel(self.model_cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        train_tokens = self.meta.num_examples["train"] * mean_example_length(config.data.dir)
+        self.total_steps = estimate_total_steps(config, train_tokens)
+        self.schedule = optim.learning_rate_schedule(config.optim, self.total_steps)
+        self.optimizer = optim.make_optimizer(config.optim, self.total_steps)
+        self.abstract_state = jax.eval_shape(
+            lambda p: train_step.init_train_state(p, self.optimizer), abstract_params)
+        self.state_sharding = train_step.state_shardings(self.abstract_state, self.mesh, self.rules)
+        batch_spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        step_fn = train_step.make_train_step(self.graphdef, self.optimizer, config,
+                                             self.model_cfg.mask_token_id)
+        self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, replicated),
+                               out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+        self.checkpointer = TrainCheckpointer(
+            self.workdir, save_every=config.train.checkpoint_every,
+            keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
+
+    # -- state ---------------------------------------------------------------------------------
+    def initial_state(self) -> train_step.TrainState:
+        m = self.config.model
+        if m.init == "random":
+            def init():
+                model = LLaDAModel(self.model_cfg, rngs=nnx.Rngs(m.init_seed))
+                return train_step.init_train_state(nnx.state(model, nnx.Param), self.optimizer)
+            with jax.set_mesh(self.mesh):
+                return jax.jit(init, out_shardings=self.state_sharding)()
+        _, model = checkpoint_io.load_params(m.init, mesh=self.mesh, rules=self.rules,
+                                             dtype=self.model_cfg.param_dtype)
+        return jax.jit(lambda p: train_step.init_train_state(p, self.optimizer),
+                       out_shardings=self.state_sharding)(nnx.state(model, nnx.Param))
+
+    def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):
+        return data_loader.make_loader(
+            self.config.data.dir, split, batch_size=self.config.data.global_batch_size,
+            seq_len=self.config.data.seq_len, seed=self.config.data.seed, shuffle=shuffle,
+            num_epochs=num_epochs, pack=self.config.data.pack)
+
+    def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in batch.items()}
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict | None:
+        cfg = self.config
+        logger = MetricsLogger(self.workdir)
+        if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
+            (self.workdir / MODEL_CONFIG).write_text(json.dumps(self.model_cfg.to_hf_config(), indent=2))
+        preemption = _Preemption()
+        data_iter = self.make_iterator("train", shuffle=True, num_epochs=cfg.train.num_epochs)
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state = self.checkpointer.restore(
+                latest, with_shardings(self.abstract_state, self.state_sharding), data_iter)
+            print(f"llada-jax train: resumed from step {latest} in {self.workdir}")
+        else:
+            state = self.initial_state()
+        start = int(jax.device_get(state.step))
+        if start == 0 and cfg.train.eval_every > 0:
+            with jax.set_mesh(self.mesh), sharding.rules_context(self.rules):
+                self.log_eval(state, 0, logger)  # the "before" of every run
+        rng = jax.random.key(cfg.train.seed)
+        bar = _progress_bar(self.progress, start, self.total_steps)
+        window = _Window()
+        last = {}
+        pending = None  # (step, metrics) dispatched but not read yet
+        step = start
+        try:
+            with jax.set_mesh(self.mesh), sharding.rules_context(self.rules):
+                while step < self.total_steps:
+                    batch = next(data_iter, None)
+                    if batch is None:
+                        break
+                    state, metrics = self.step_fn(state, self.to_global(batch), rng)
+                    step += 1
+                    if pending is not None:  # read step N-1 while step N runs
+                        last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,
+                                          log_every=cfg.train.log_every) or last
+                    pending = (step, metrics)
+                    if step % cfg.train.eval_every == 0:
+                        self.log_eval(state, step, logger)
+                    if preemption.requested or self.checkpointer.should_save(step):
+                        self.checkpointer.save(step, state, data_iter, cfg.to_dict())
+                    if preemption.requested:
+                        print(f"llada-jax train: SIGTERM at step {step}; checkpoint saved, exiting")
+                        return last
+                if pending is not None:
+                    last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,
+                                      log_every=1) or last
+                if self.checkpointer.latest_step() != step:
+                    self.checkpointer.save(step, state, data_iter, cfg.to_dict())
+        finally:
+            self.checkpointer.close()
+            logger.close()
+            if bar is not None:
+                bar.close()
+        self.final_state = state
+        return last
+
+    def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
+        """Periodic held-out metrics under the drafting condition (evaluate.py)."""
+        from llada_jax import evaluate
+
+        results = evaluate.evaluate_state(self, state, max_batches=self.config.train.eval_batches)
+        if results:
+            logger.write(step, results["overall"], prefix="eval")
+
+
+class _Window:
+    """Accumulates step metrics as (sum, count) and emits their means every `log_every` steps."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.start_time = time.perf_counter()
+        self.steps = 0
+
+    def add(self, step: int, metrics, *, bar, logger, schedule, log_every: int) -> dict | None:
+        m = jax.device_get(metrics)
+        for key in ("loss_sum", "loss_count", "tokens", "skipped"):
+            self.sums[key] = self.sums.get(key, 0.0) + float(m[key])
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + float(m["grad_norm"])
+        self.steps += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(m['loss_sum']) / max(float(m['loss_count']), 1):.4f}")
+        if step % log_every:
+            return None
+        elapsed = time.perf_counter() - self.start_time
+        out = {
+            "loss": self.sums["loss_sum"] / max(self.sums["loss_count"], 1.0),
+            "grad_norm": self.sums["grad_norm"] / self.steps,
+            "lr": float(schedule(step - 1)),
+            "tokens_per_s": self.sums["tokens"] / elapsed,
+            "step_time_s": elapsed / self.steps,
+            "skipped_steps": self.sums["skipped"],
+        }
+        logger.write(step, out)
+        self.sums, self.steps, self.start_time = {}, 0, time.perf_counter()
+        return out
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,94 @@
+"""The shipped demo assets: a real (better than unigram) causal teacher, two different tokenizers."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from transformers import PreTrainedTokenizerFast
+
+import llada_jax
+from llada_jax import generate_teacher as gt
+from llada_jax.checkpoint_io import load_params
+
+ASSETS = pathlib.Path(llada_jax.__file__).parent / "demo_assets"
+HELDOUT_VERSES = 96
+LENGTH = 128
+
+
+def _lines(name):
+    return [line for line in (ASSETS / name).read_text().splitlines() if line.strip()]
+
+
+def _tokenizer(name):
+    return PreTrainedTokenizerFast.from_pretrained(str(ASSETS / name))
+
+
+@jax.jit
+def _log_probs(split, tokens_bl):
+    return jax.nn.log_softmax(nnx.merge(*split)(tokens_bl))
+
+
+def test_teacher_beats_a_unigram_model_on_the_heldout_tail():
+    model, tok = gt.load_teacher(ASSETS / "teacher", ASSETS / "teacher_tokenizer")
+    assert model.cfg.causal and model.cfg.n_kv_heads < model.cfg.n_heads  # LLaMA-style, GQA
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert model.cfg.eos_token_id == eot == tok.eos_token_id
+    docs = [ids[:LENGTH - 1] + [eot] for ids in tok(_lines("corpus_heldout.txt")[:HELDOUT_VERSES])["input_ids"]]
+    assert all(d[0] == tok.bos_token_id for d in docs)
+    tokens = np.zeros((len(docs), LENGTH), np.int32)
+    for row, doc in enumerate(docs):
+        tokens[row, :len(doc)] = doc
+    logp = np.asarray(_log_probs(nnx.split(model), jnp.asarray(tokens)))
+    # Right padding, causal attention: position j predicts token j+1 of the same verse.
+    teacher_nll = -np.mean([logp[r, j, d[j + 1]] for r, d in enumerate(docs) for j in range(len(d) - 1)])
+
+    counts = np.ones(len(tok))  # add-one smoothed unigram over the training verses (BOS excluded)
+    for ids in tok(_lines("corpus_train.txt"))["input_ids"]:
+        np.add.at(counts, ids[1:] + [eot], 1)
+    unigram = np.log(counts / counts.sum())
+    unigram_nll = -np.mean([unigram[t] for d in docs for t in d[1:]])
+    assert teacher_nll < unigram_nll - 1.0, (teacher_nll, unigram_nll)
+
+
+def test_tokenizers_differ_and_give_character_offsets():
+    teacher, student = _tokenizer("teacher_tokenizer"), _tokenizer("student_tokenizer")
+    assert (len(teacher), len(student)) == (2048, 1536)
+    # The teacher's stop token exists in the student vocabulary (it maps by string).
+    assert student.mask_token == "<|mdm_mask|>" and "<|eot_id|>" in student.get_vocab()
+    text = _lines("corpus_heldout.txt")[0] + " 1234 (x)"
+    tokenizations = []
+    for tok in (teacher, student):
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        # The offsets tile the text: each token's span decodes to exactly that token.
+        assert "".join(text[a:b] for a, b in enc["offset_mapping"]) == text
+        assert all(text[a:b] == tok.decode([i]) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]))
+        tokenizations.append([tuple(o) for o in enc["offset_mapping"]])
+    assert tokenizations[0] != tokenizations[1]
+    assert teacher("x")["input_ids"][0] == teacher.bos_token_id
+    assert student("x")["input_ids"] == student("x", add_special_tokens=False)["input_ids"]
+
+
+def test_student_checkpoint_matches_its_tokenizer():
+    if not (ASSETS / "student").exists():
+        pytest.skip("no pre-trained student shipped")
+    cfg, _ = load_params(ASSETS / "student", dtype="float32")
+    student = _tokenizer("student_tokenizer")
+    assert not cfg.causal
+    assert (cfg.vocab_size, cfg.mask_token_id) == (len(student), student.mask_token_id)
+
+
+def test_prompts_come_from_heldout_verses_only():
+    heldout = _lines("corpus_heldout.txt")
+    for name in ("prompts_train.txt", "prompts_eval.txt"):
+        prompts = _lines(name)
+        assert len(prompts) >= 80
+        assert all(any(v.startswith(p + " ") for v in heldout) for p in prompts)
+    assert not set(_lines("prompts_train.txt")) & set(_lines("prompts_eval.txt"))
+
+
+def test_assets_stay_small():
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total < 6 * 2**20, total

@@ -54,9 +54,8 @@ class Result:
 class Converter:
     def __init__(self, opts: Options):
         self.opts = opts
-        self.student = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(opts.student_tokenizer))
-        self.teacher = (alignment.Vocab.from_tokenizer(alignment.load_tokenizer(opts.teacher_tokenizer))
-                        if opts.teacher_tokenizer else None)
+        self.student = _vocab(opts.student_tokenizer)
+        self.teacher = _vocab(opts.teacher_tokenizer) if opts.teacher_tokenizer else None
         if self.teacher is None:
             self.mode, self.id_map = "assumed_identity", None
         elif alignment.same_vocab(self.teacher, self.student):
@@ -73,7 +72,7 @@ class Converter:
                  "identical; pass --teacher-tokenizer, or --teacher-vocab-size if it is padded)")
 
     def vocab_matched_pct(self) -> float | None:
-        """Share of the teacher vocabulary with a student token of the same bytes (None: unknown)."""
+        """% of teacher vocabulary ids with a student token of the same bytes (None: unknown)."""
         if self.mode == "mapped":
             return 100.0 * float((self.id_map >= 0).mean())
         return 100.0 if self.mode == "identity" else None
@@ -204,6 +203,10 @@ class Converter:
         return Result(raw.file, raw.index, example, split, stats=stats)
 
 
+def _vocab(path: str) -> alignment.Vocab:
+    return alignment.Vocab.from_tokenizer(alignment.load_tokenizer(path))
+
+
 def _spellings(token: str, scheme: str) -> set[bytes]:
     """Byte strings a JSON token string may stand for: vocabulary form or decoded text."""
     return {b for b in (alignment.token_bytes(token, scheme), token.encode()) if b is not None}
@@ -220,7 +223,8 @@ def _spell(pieces: list[bytes], response: bytes, scheme: str) -> np.ndarray:
     shift = 1 if scheme == "sentencepiece" and joined == b" " + response else 0
     spelled = joined[shift:]
     if spelled != response:
-        n = f"{len(pieces)} teacher tokens spell {len(spelled)} bytes, the response has {len(response)}"
+        n = (f"{len(pieces)} teacher tokens spell {len(spelled)} bytes, the response has "
+             f"{len(response)}")
         if response.startswith(spelled):
             raise SkipRecord("logits_shorter_than_response", n + " (they spell a prefix)")
         if spelled.startswith(response):

@@ -94,7 +94,8 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                 yield result.split, result.example
 
     def on_complete(data_dir: str, counts: dict[str, int]) -> None:
-        shard_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(data_dir, "*.array_record*")))
+        shards = glob.glob(os.path.join(data_dir, "*.array_record*"))
+        shard_bytes = sum(os.path.getsize(p) for p in shards)
         seconds = time.time() - start
         input_bytes = sum(os.path.getsize(f) for f in files)
         summary.update(report.finish(data_dir, shard_bytes, {

@@ -50,7 +50,7 @@ class RawRecord:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Input paths and globs -> sorted unique existing files; ValueError naming what matched none."""
+    """Input paths and globs -> sorted unique files; ValueError naming a pattern with none."""
     files: list[str] = []
     for pattern in patterns:
         matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]

@@ -121,7 +121,8 @@ class _SplitWriter:
         """Names the shards `<name>-<split>.array_record-0000i-of-0000n` once n is known."""
         self._close_shard()
         for i, path in enumerate(self.paths):
-            os.rename(path, self.template.sharded_filepath(shard_index=i, num_shards=len(self.paths)))
+            final = self.template.sharded_filepath(shard_index=i, num_shards=len(self.paths))
+            os.rename(path, final)
         return splits_lib.SplitInfo(name=self.template.split, shard_lengths=self.lengths,
                                     num_bytes=self.num_bytes, filename_template=self.template)
 

@@ -12,6 +12,7 @@ Both save a `tokenizer.json` that `tokenizers.Tokenizer.from_file` and transform
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -33,8 +34,9 @@ def byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def sentencepiece_bpe(texts: Iterable[str], vocab_size: int, alphabet_size: int = 40) -> Tokenizer:
-    """'▁'-space BPE with byte fallback: characters outside the alphabet become `<0xNN>` tokens."""
+def sentencepiece_bpe(texts: Iterable[str], vocab_size: int,
+                      alphabet_size: int = 40) -> Tokenizer:
+    """'▁'-space BPE with byte fallback: characters outside its alphabet become `<0xNN>`."""
     pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   limit_alphabet=alphabet_size, show_progress=False)
@@ -55,7 +57,6 @@ def sentencepiece_bpe(texts: Iterable[str], vocab_size: int, alphabet_size: int 
 
 
 def _merges(tok: Tokenizer) -> list[list[str]]:
-    import json
     merges = json.loads(tok.to_str())["model"]["merges"]
     return [m.split(" ") if isinstance(m, str) else m for m in merges]
 

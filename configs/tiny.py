@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.global_batch_size = 8
     c.data.seed = 0
     c.data.pack = True
+    c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
     c.data.eval_split = "validation"
 
     c.loss = ml_collections.ConfigDict()

@@ -191,10 +191,19 @@ class Trainer:
                        out_shardings=self.state_sharding)(nnx.state(model, nnx.Param))
 
     def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):
-        return data_loader.make_loader(
-            self.config.data.dir, split, batch_size=self.config.data.global_batch_size,
-            seq_len=self.config.data.seq_len, seed=self.config.data.seed, shuffle=shuffle,
-            num_epochs=num_epochs, pack=self.config.data.pack)
+        """This host's rows of each global batch, from its data shards (see HostShards)."""
+        d = self.config.data
+        num_shards = d.num_shards or jax.process_count()
+        if num_shards % jax.process_count() or d.global_batch_size % num_shards:
+            raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the "
+                              f"{jax.process_count()} processes and divide "
+                              f"data.global_batch_size={d.global_batch_size}")
+        per_host = num_shards // jax.process_count()
+        first = jax.process_index() * per_host
+        return HostShards([data_loader.make_loader(
+            d.dir, split, batch_size=d.global_batch_size, seq_len=d.seq_len, seed=d.seed,
+            shuffle=shuffle, num_epochs=num_epochs, pack=d.pack, shard_index=i,
+            shard_count=num_shards) for i in range(first, first + per_host)])
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -237,7 +246,7 @@ class Trainer:
                         last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,
                                           log_every=cfg.train.log_every) or last
                     pending = (step, metrics)
-                    if step % cfg.train.eval_every == 0:
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                         self.log_eval(state, step, logger)
                     if preemption.requested or self.checkpointer.should_save(step):
                         self.checkpointer.save(step, state, data_iter, cfg.to_dict())
@@ -264,6 +273,41 @@ class Trainer:
         results = evaluate.evaluate_state(self, state, max_batches=self.config.train.eval_batches)
         if results:
             logger.write(step, results["overall"], prefix="eval")
+
+
+class HostShards:
+    """Concatenates the rows of this host's data shards into its part of the global batch.
+
+    The data is split into `data.num_shards` disjoint shards (default: one per process), so a
+    run's global batches do not depend on how many processes read them: 2 processes x 1 shard
+    and 1 process x 2 shards see the same batches. Checkpointable through grain's orbax handler
+    (get_state/set_state as bytes, one file per process).
+    """
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state)
+        if len(states) != len(self.iterators):
+            raise ConfigError(f"the checkpoint's data iterator has {len(states)} shard(s) on this "
+                              f"process, the run has {len(self.iterators)}: keep data.num_shards "
+                              f"and the process count when resuming")
+        for it, st in zip(self.iterators, states):
+            it.set_state(st)
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class _Window:

@@ -281,11 +281,14 @@ def pretrain(cfg: ModelConfig, objective, train: tuple[np.ndarray, np.ndarray],
     return nnx.merge(graphdef, params), heldout_loss(params)
 
 
-def unigram_loss(train_docs: list[list[int]], heldout_docs: list[list[int]], vocab: int) -> float:
-    """Held-out NLL per predicted token (BOS never predicted) of add-one-smoothed unigram counts."""
-    counts = np.ones(vocab) + np.bincount([t for d in train_docs for t in d[1:]], minlength=vocab)
+def unigram_loss(train_docs: list[list[int]], heldout_docs: list[list[int]], vocab: int,
+                 skip_first: int) -> float:
+    """Held-out NLL per token of add-one-smoothed unigram counts (skip_first=1: BOS, never
+    predicted, is left out)."""
+    counts = np.ones(vocab) + np.bincount([t for d in train_docs for t in d[skip_first:]],
+                                          minlength=vocab)
     logp = np.log(counts / counts.sum())
-    return float(-np.mean([logp[t] for d in heldout_docs for t in d[1:]]))
+    return float(-np.mean([logp[t] for d in heldout_docs for t in d[skip_first:]]))
 
 
 def save_bf16(model: LLaDAModel, path: pathlib.Path) -> None:
@@ -323,7 +326,7 @@ def train_stage(out: pathlib.Path, name: str, arch: dict, causal: bool, objectiv
                               pack_rows(heldout_docs, ROW_LENGTH), steps=steps, batch=BATCH_ROWS, lr=lr)
     print(f"{name}: {sum(map(len, train_docs))} training tokens, {time.time() - start:.0f} s, "
           f"held-out loss {heldout:.3f} nats/token "
-          f"(unigram {unigram_loss(train_docs, heldout_docs, cfg.vocab_size):.3f})")
+          f"(unigram {unigram_loss(train_docs, heldout_docs, cfg.vocab_size, int(causal)):.3f})")
     save_bf16(model, target)
 
 

@@ -12,16 +12,26 @@ is exact for T = 1 and for k = V; for other T and k < V it approximates the temp
 tempered tail mass is sum_{j in tail} p_j^(1/T) / Z, which the stored record cannot give). No T^2
 factor is applied (the original did not use one).
 
-The [B, L, V] logits are never materialised: `chunked_position_sums` runs the LM head and the
-per-position statistics over sequence chunks in a `lax.scan` whose body is under `jax.checkpoint`,
-so the backward pass recomputes one chunk's logits at a time. Results are (sum, count) pairs so
-they add up across microbatches and hosts.
+The [B, L, V] logits are never materialised. The student's side of every loss and metric only
+needs, per position, its tempered logits at the teacher's ids, the log-normaliser, the log-mass off
+the teacher's ids and the argmax (`StudentStats`), and those can be gathered two ways through the
+LM head, both with the per-piece work under `jax.checkpoint` so the backward pass recomputes one
+piece of logits at a time:
+- chunk_axis="vocab" (default): a `lax.scan` over vocabulary tiles of the head, all positions at
+  once, with running logsumexps, gathers and argmax. The head gradient is written tile by tile
+  into its output and d hidden is one [B, L, D] carry, so temporary memory is a few
+  [B, L, tile] buffers: at the 8B head (B = 1, L = 4096, V = 126464) 1/17 of a dense loss at
+  tile 4096, 1/30 at tile 2048 (bench/loss_memory.py).
+- chunk_axis="sequence": a `lax.scan` over sequence chunks, each holding [B, chunk, V] logits. Its
+  head gradient is a full [D, V] sum per chunk, which costs a head-sized temporary; it is the
+  path for statistics that need the whole logits row (`chunked_position_sums`).
+Results are (sum, count) pairs so they add up across microbatches and hosts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +45,10 @@ REVERSE_KL_TEACHER_FLOOR = 1e-8
 # reverse KL, where an empty teacher bucket is floored rather than taken at ~1e-7).
 TEACHER_TAIL_MIN = 1e-6
 NEG_INF = -jnp.inf
+# Default head columns per vocabulary tile: temp memory grows with it (about 7 fp32 [B, L, tile]
+# buffers), while smaller tiles mean more scan steps; on CPU 4096 was the fastest at the
+# benchmark shape (B = 2, L = 512, D = 512, V = 126464) and 2048 was ~35% slower.
+VOCAB_TILE = 4096
 
 # logits_bcv, teacher_ids_bck, teacher_logprobs_bck -> {name: [B, C] float32 per-position value}
 StatFn = Callable[[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
@@ -70,30 +84,50 @@ def _student_tail_logits(z_nv: jax.Array, ids_nk: jax.Array, valid_nk: jax.Array
         z_nv, jnp.where(valid_nk, ids_nk, vocab))
 
 
-def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,
-                    teacher_logprobs_nk: jax.Array, temperature: float = 1.0
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Teacher and student log-probabilities over the K + 1 buckets S ∪ {tail}, in fp32.
+class StudentStats(NamedTuple):
+    """The student's tempered logits z = logits / T reduced to what the losses and metrics need.
 
-    Args: logits_nv [..., V] student logits (any float dtype); teacher_ids_nk [..., K] int;
-    teacher_logprobs_nk [..., K] teacher log-probs at T = 1, -inf in unused slots.
-    Returns (logp, logq), each [..., K + 1] with the tail last; -inf marks an empty bucket.
-
-    The student's tail is a logsumexp over the complement of S (not log(1 - sum_S q)): it stays
-    accurate when the student puts almost all its mass on S, where 1 - sum_S q rounds to 0 in fp32
-    and a KL against a teacher tail would become infinite.
+    float32 except top1; shapes [...] per position, [..., K] per teacher slot.
     """
-    lead = logits_nv.shape[:-1]
-    k = teacher_ids_nk.shape[-1]
+    z_at_ids: jax.Array   # [..., K] z at the teacher's ids (unused slots: any finite value)
+    log_norm: jax.Array   # [...] logsumexp of z over the vocabulary
+    log_tail: jax.Array   # [...] logsumexp of z off the teacher's ids; -inf if they cover V
+    top1: jax.Array       # [...] int32 argmax of z, the student's greedy token
+
+
+# stats, teacher_ids [..., K], teacher_logprobs [..., K] -> {name: [...] float32 per position}
+StatsFn = Callable[[StudentStats, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def student_stats(logits_nv: jax.Array, teacher_ids_nk: jax.Array, valid_nk: jax.Array,
+                  temperature: float = 1.0) -> StudentStats:
+    """`StudentStats` from materialised logits [..., V] (any float dtype); ids, valid [..., K].
+
+    The tail is a logsumexp over the complement of S (not log(1 - sum_S q)): it stays accurate
+    when the student puts almost all its mass on S, where 1 - sum_S q rounds to 0 in fp32 and a
+    KL against a teacher tail would become infinite.
+    """
+    lead, k = logits_nv.shape[:-1], teacher_ids_nk.shape[-1]
     z_nv = logits_nv.reshape(-1, logits_nv.shape[-1]).astype(jnp.float32) / temperature
     ids_nk = teacher_ids_nk.reshape(-1, k)
-    teacher_lp = jax.lax.stop_gradient(teacher_logprobs_nk.reshape(-1, k).astype(jnp.float32))
-    valid_nk = teacher_lp > NEG_INF
+    stats = StudentStats(
+        z_at_ids=jnp.take_along_axis(z_nv, ids_nk, axis=-1),
+        log_norm=jax.nn.logsumexp(z_nv, axis=-1),
+        log_tail=_safe_logsumexp(_student_tail_logits(z_nv, ids_nk, valid_nk.reshape(-1, k))),
+        top1=jnp.argmax(z_nv, axis=-1).astype(jnp.int32))
+    return jax.tree.map(lambda x: x.reshape(*lead, *x.shape[1:]), stats)
 
-    log_norm_n = jax.nn.logsumexp(z_nv, axis=-1)
-    logq_s = jnp.where(valid_nk, jnp.take_along_axis(z_nv, ids_nk, axis=-1)
-                       - log_norm_n[:, None], NEG_INF)
-    logq_tail = _safe_logsumexp(_student_tail_logits(z_nv, ids_nk, valid_nk)) - log_norm_n
+
+def bucket_logprobs_from_stats(stats: StudentStats, teacher_logprobs_nk: jax.Array,
+                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Teacher and student log-probabilities over the K + 1 buckets S ∪ {tail}, in fp32.
+
+    teacher_logprobs_nk [..., K]: teacher log-probs at T = 1, -inf in unused slots.
+    Returns (logp, logq), each [..., K + 1] with the tail last; -inf marks an empty bucket.
+    """
+    teacher_lp = jax.lax.stop_gradient(teacher_logprobs_nk.astype(jnp.float32))
+    logq_s = jnp.where(teacher_lp > NEG_INF, stats.z_at_ids - stats.log_norm[..., None], NEG_INF)
+    logq_tail = stats.log_tail - stats.log_norm
 
     # If S covers the whole student vocabulary there is no tail: rounding in the stored
     # log-probs must not leave mass in a bucket the student cannot reach.
@@ -101,9 +135,17 @@ def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,
     teacher_tail = jnp.where((logq_tail == NEG_INF) | (teacher_tail < math.log(TEACHER_TAIL_MIN)),
                              NEG_INF, teacher_tail)
     logp = jax.nn.log_softmax(
-        jnp.concatenate([teacher_lp, teacher_tail[:, None]], axis=-1) / temperature, axis=-1)
-    logq = jnp.concatenate([logq_s, logq_tail[:, None]], axis=-1)
-    return logp.reshape(*lead, k + 1), logq.reshape(*lead, k + 1)
+        jnp.concatenate([teacher_lp, teacher_tail[..., None]], axis=-1) / temperature, axis=-1)
+    return logp, jnp.concatenate([logq_s, logq_tail[..., None]], axis=-1)
+
+
+def bucket_logprobs(logits_nv: jax.Array, teacher_ids_nk: jax.Array,
+                    teacher_logprobs_nk: jax.Array, temperature: float = 1.0
+                    ) -> tuple[jax.Array, jax.Array]:
+    """`bucket_logprobs_from_stats` of materialised student logits [..., V] (any float dtype);
+    teacher_ids_nk [..., K] int. Returns (logp, logq), each [..., K + 1], tail last."""
+    stats = student_stats(logits_nv, teacher_ids_nk, teacher_logprobs_nk > NEG_INF, temperature)
+    return bucket_logprobs_from_stats(stats, teacher_logprobs_nk, temperature)
 
 
 def _plogratio(logp: jax.Array, logq: jax.Array) -> jax.Array:
@@ -151,6 +193,17 @@ def _to_chunks(x: jax.Array, n_chunks: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n_chunks, l // n_chunks, *x.shape[2:]), 1, 0)
 
 
+def _bin_sums(values: dict[str, jax.Array], bin_bl: jax.Array, n_bins: int
+              ) -> dict[str, jax.Array]:
+    """{name: [B, C] per position} -> {name: [n_bins] sum, 'count': [n_bins]}; bin -1 = skip."""
+    onehot_bcn = (bin_bl[..., None] == jnp.arange(n_bins)).astype(jnp.float32)
+    counted = bin_bl >= 0
+    sums = {name: jnp.einsum("bc,bcn->n", jnp.where(counted, v.astype(jnp.float32), 0.0),
+                             onehot_bcn) for name, v in values.items()}
+    sums["count"] = jnp.sum(onehot_bcn, axis=(0, 1))
+    return sums
+
+
 def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.Array,
                           teacher_ids_blk: jax.Array, teacher_logprobs_blk: jax.Array,
                           bin_bl: jax.Array, *, n_bins: int, chunk_size: int
@@ -176,13 +229,7 @@ def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.A
     @jax.checkpoint
     def chunk_sums(head, h_bcd, ids_bck, lps_bck, bins_bc):
         logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, head, preferred_element_type=jnp.float32)
-        stats = stat_fn(logits_bcv, ids_bck, lps_bck)
-        onehot_bcn = (bins_bc[..., None] == jnp.arange(n_bins)).astype(jnp.float32)
-        counted = (bins_bc >= 0)
-        sums = {name: jnp.einsum("bc,bcn->n", jnp.where(counted, v.astype(jnp.float32), 0.0),
-                                 onehot_bcn) for name, v in stats.items()}
-        sums["count"] = jnp.sum(onehot_bcn, axis=(0, 1))
-        return sums
+        return _bin_sums(stat_fn(logits_bcv, ids_bck, lps_bck), bins_bc, n_bins)
 
     def body(carry, chunk_xs):
         return jax.tree.map(jnp.add, carry, chunk_sums(head_dv, *chunk_xs)), None
@@ -193,27 +240,137 @@ def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.A
     return sums
 
 
+def _max_sumexp(z_nv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(m, s) with logsumexp(z) = m + log(s) over the last axis; m carries no gradient (the sum
+    does not depend on it). An all -inf row gives (-inf, 0) with no NaN."""
+    m = jax.lax.stop_gradient(jnp.max(z_nv, axis=-1))
+    return m, jnp.sum(jnp.exp(z_nv - jnp.where(m == NEG_INF, 0.0, m)[:, None]), axis=-1)
+
+
+def _merge_sumexp(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Online logsumexp: two (m, s) pairs -> the (m, s) of the union. Sums rescale in linear
+    space, so rounding does not build up in the log as a chain of logaddexp would."""
+    m = jnp.maximum(a[0], b[0])
+    m_safe = jnp.where(m == NEG_INF, 0.0, m)
+    return m, a[1] * jnp.exp(a[0] - m_safe) + b[1] * jnp.exp(b[0] - m_safe)
+
+
+def _log_of_sumexp(m: jax.Array, s: jax.Array) -> jax.Array:
+    """m + log(s), -inf (with a zero, not NaN, gradient) where s == 0."""
+    empty = s == 0.0
+    return jnp.where(empty, NEG_INF, jnp.where(empty, 0.0, m) + jnp.log(jnp.where(empty, 1.0, s)))
+
+
+class _TileCarry(NamedTuple):
+    """Running per-position statistics over the vocabulary tiles seen so far; [N] or [N, K]."""
+    z_at_ids: jax.Array   # [N, K] z at the teacher ids seen so far, 0 elsewhere
+    norm: tuple           # (max, sum) of exp over all columns; the max is also top1's value
+    tail: tuple           # (max, sum) of exp over columns that are not teacher ids
+    top1: jax.Array       # [N] int32 argmax so far
+
+
+def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
+                      valid_blk: jax.Array, *, temperature: float = 1.0,
+                      vocab_tile: int = VOCAB_TILE) -> StudentStats:
+    """`StudentStats` [B, L] of logits = hidden @ head, scanning the head in vocabulary tiles.
+
+    hidden_bld [B, L, D]; head_dv [D, V]; teacher_ids_blk, valid_blk [B, L, K].
+    Each tile's logits [B, L, tile] exist only inside a checkpointed scan body. The tile is cut
+    from the head with a dynamic slice (not passed as scan inputs, which would copy the head), so
+    the head gradient is written into its output slice by slice. When the tile does not divide V,
+    the last tile is moved back to end at V and masks the columns its predecessor covered.
+    """
+    vocab = head_dv.shape[1]
+    tile = max(1, min(int(vocab_tile), vocab))
+    # d hidden is summed over tiles in the scan carry: keep it in the matmul's dtype (fp32 with
+    # an fp32 head), not in a bf16 hidden's.
+    h_bld = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
+    ids_blk = teacher_ids_blk.astype(jnp.int32)
+    rows, k = h_bld.shape[0] * h_bld.shape[1], ids_blk.shape[-1]
+
+    @jax.checkpoint
+    def tile_stats(t):
+        begin = t * tile
+        start = jnp.minimum(begin, vocab - tile)
+        head_dt = jax.lax.dynamic_slice_in_dim(head_dv, start, tile, axis=1)
+        z_blt = jnp.einsum("bld,dt->blt", h_bld, head_dt,
+                           preferred_element_type=jnp.float32) / temperature
+        z_nt = jnp.where(start + jnp.arange(tile) >= begin, z_blt, NEG_INF).reshape(rows, tile)
+        local_nk = (ids_blk - start).reshape(rows, k)
+        here_nk = (valid_blk & (ids_blk >= begin) & (ids_blk < start + tile)).reshape(rows, k)
+        z_at_ids = jnp.where(here_nk, jnp.take_along_axis(
+            z_nt, jnp.clip(local_nk, 0, tile - 1), axis=-1), 0.0)
+        top1 = start + jnp.argmax(z_nt, axis=-1).astype(jnp.int32)
+        return _TileCarry(z_at_ids, _max_sumexp(z_nt),
+                          _max_sumexp(_student_tail_logits(z_nt, local_nk, here_nk)), top1)
+
+    def body(acc: _TileCarry, t):
+        new = tile_stats(t)
+        better = new.norm[0] > acc.norm[0]  # strict: on ties the lower id wins, as in argmax
+        return _TileCarry(acc.z_at_ids + new.z_at_ids, _merge_sumexp(acc.norm, new.norm),
+                          _merge_sumexp(acc.tail, new.tail),
+                          jnp.where(better, new.top1, acc.top1)), None
+
+    empty = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    init = _TileCarry(jnp.zeros((rows, k), jnp.float32), empty, empty,
+                      jnp.zeros((rows,), jnp.int32))
+    acc, _ = jax.lax.scan(body, init, jnp.arange(-(-vocab // tile), dtype=jnp.int32))
+    lead = h_bld.shape[:2]
+    return StudentStats(acc.z_at_ids.reshape(*lead, k), _log_of_sumexp(*acc.norm).reshape(lead),
+                        _log_of_sumexp(*acc.tail).reshape(lead), acc.top1.reshape(lead))
+
+
+def position_sums(stat_fn: StatsFn, hidden_bld: jax.Array, head_dv: jax.Array,
+                  teacher_ids_blk: jax.Array, teacher_logprobs_blk: jax.Array,
+                  bin_bl: jax.Array, *, n_bins: int, temperature: float = 1.0,
+                  chunk_axis: str = "vocab", chunk_size: int = 256, vocab_tile: int = VOCAB_TILE
+                  ) -> dict[str, jax.Array]:
+    """Per-bin sums of `stat_fn(StudentStats, teacher_ids, teacher_logprobs)` over positions.
+
+    bin_bl int [B, L]: each position's bin 0..n_bins-1, -1 = not counted. Returns {name:
+    [n_bins] float32} plus 'count'. chunk_axis "vocab" scans head tiles of `vocab_tile` columns,
+    "sequence" scans chunks of `chunk_size` positions (module docstring).
+    """
+    if chunk_axis == "sequence":
+        return chunked_position_sums(
+            lambda logits, ids, lps: stat_fn(
+                student_stats(logits, ids, lps > NEG_INF, temperature), ids, lps),
+            hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, bin_bl,
+            n_bins=n_bins, chunk_size=chunk_size)
+    if chunk_axis == "vocab":
+        stats = vocab_tiled_stats(hidden_bld, head_dv, teacher_ids_blk,
+                                  teacher_logprobs_blk > NEG_INF, temperature=temperature,
+                                  vocab_tile=vocab_tile)
+        return _bin_sums(stat_fn(stats, teacher_ids_blk, teacher_logprobs_blk),
+                         bin_bl.astype(jnp.int32), n_bins)
+    raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose 'vocab' or 'sequence' "
+                     "(config field loss.chunk_axis)")
+
+
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                  teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
-                 temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5
+                 temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5,
+                 chunk_axis: str = "vocab", vocab_tile: int = VOCAB_TILE
                  ) -> tuple[jax.Array, jax.Array]:
     """(sum over loss positions of the divergence, number of loss positions), both float32 [].
 
     hidden_bld [B, L, D] final hidden states (after ln_f, any float dtype); head_dv [D, V];
     teacher_ids_blk / teacher_logprobs_blk [B, L, K]; loss_mask_bl bool [B, L].
-    The mean loss is sum / count, with both summed over the global batch first.
+    The mean loss is sum / count, with both summed over the global batch first. chunk_axis,
+    chunk_size, vocab_tile: how the LM head is cut (`position_sums`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
                          "(config field loss.kind)")
 
-    def stat_fn(logits_bcv, ids_bck, lps_bck):
-        logp, logq = bucket_logprobs(logits_bcv, ids_bck, lps_bck, temperature)
+    def stat_fn(stats, ids, lps):
+        logp, logq = bucket_logprobs_from_stats(stats, lps, temperature)
         return {"loss": divergence(logp, logq, kind, beta)}
 
-    bins_bl = jnp.where(loss_mask_bl, 0, -1)
-    sums = chunked_position_sums(stat_fn, hidden_bld, head_dv, teacher_ids_blk,
-                                 teacher_logprobs_blk, bins_bl, n_bins=1, chunk_size=chunk_size)
+    sums = position_sums(stat_fn, hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk,
+                         jnp.where(loss_mask_bl, 0, -1), n_bins=1, temperature=temperature,
+                         chunk_axis=chunk_axis, chunk_size=chunk_size, vocab_tile=vocab_tile)
     return sums["loss"][0], sums["count"][0]
 
 

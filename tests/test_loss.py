@@ -172,20 +172,92 @@ def loss_inputs(rng, b=2, seq=10, d=8, v=48, k=5, dtype=jnp.float32):
             jnp.asarray(mask))
 
 
+# How the LM head is cut: sequence chunks of 4 over L = 10 (4 + 4 + 2 padded); vocabulary tiles of
+# 7 over V = 48 (the last tile moved back to overlap its predecessor) and of 16 (exact).
+CUTS = {"sequence": dict(chunk_axis="sequence", chunk_size=4),
+        "vocab7": dict(chunk_axis="vocab", vocab_tile=7),
+        "vocab16": dict(chunk_axis="vocab", vocab_tile=16)}
+
+
+@pytest.mark.parametrize("cut", CUTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_matches_dense_values_and_grads(kind):
+def test_chunked_matches_dense_values_and_grads(kind, cut):
     hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(7))
 
     def grads(fn, **kw):
-        return jax.jit(jax.value_and_grad(lambda h, w: fn(h, w, ids, lp, mask, kind=kind, **kw),
-                                          argnums=(0, 1), has_aux=True))(hidden, head)
+        return jax.jit(jax.value_and_grad(
+            lambda h, w: fn(h, w, ids, lp, mask, kind=kind, temperature=1.3, **kw),
+            argnums=(0, 1), has_aux=True))(hidden, head)
 
-    (s_chunk, c_chunk), g_chunk = grads(loss.distill_loss, chunk_size=4)  # 10 = 4 + 4 + 2 (pad)
+    (s_chunk, c_chunk), g_chunk = grads(loss.distill_loss, **CUTS[cut])
     (s_dense, c_dense), g_dense = grads(loss.dense_distill_loss)
     assert c_chunk == c_dense == np.sum(np.asarray(mask))
-    np.testing.assert_allclose(s_chunk, s_dense, rtol=1e-6)
+    # fp32 vs fp32 with sums taken in another order: within 1e-6 per position.
+    np.testing.assert_allclose(s_chunk, s_dense, rtol=0, atol=1e-6 * float(c_dense))
     for a, b in zip(g_chunk, g_dense):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cut", ["sequence", "vocab7"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_equals_v_through_the_head_is_the_dense_divergence(kind, cut):
+    """Teacher = a full softmax as k = V sorted log-probs: the loss through the chunked head is
+    the dense divergence of float64 NumPy softmaxes (<= 1e-6 per position), at T = 2."""
+    rng = np.random.default_rng(11)
+    b, seq, d, v, temperature = 2, 5, 8, 24, 2.0
+    hidden = rng.normal(size=(b, seq, d)).astype(np.float32)
+    head = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    logits = hidden.astype(np.float64) @ head.astype(np.float64)
+    teacher_logits = logits + rng.normal(size=logits.shape)
+    teacher_lp = np.log(np_softmax(teacher_logits))
+    ids = np.argsort(-teacher_lp, -1).astype(np.int32)
+    lp = np.take_along_axis(teacher_lp, ids, -1).astype(np.float32)
+    mask = np.ones((b, seq), bool)
+    per_position = np_divergence(np_softmax(teacher_logits / temperature),
+                                 np_softmax(logits / temperature), kind)
+    s, c = loss.distill_loss(hidden, head, ids, lp, mask, kind=kind, temperature=temperature,
+                             **CUTS[cut])
+    assert c == b * seq
+    np.testing.assert_allclose(s, per_position.sum(), rtol=0, atol=1e-6 * b * seq)
+
+
+@pytest.mark.parametrize("cut", ["sequence", "vocab7"])
+def test_k_equals_v_kl_gradients_through_the_head(cut):
+    """d KL / d logits = (q - p) / T, so d hidden = g head^T and d head = hidden^T g (float64)."""
+    rng = np.random.default_rng(12)
+    b, seq, d, v, temperature = 2, 5, 8, 24, 1.5
+    hidden = rng.normal(size=(b, seq, d)).astype(np.float32)
+    head = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    logits = hidden.astype(np.float64) @ head.astype(np.float64)
+    teacher_logits = logits + rng.normal(size=logits.shape)
+    ids = np.argsort(-teacher_logits, -1).astype(np.int32)
+    lp = np.take_along_axis(np.log(np_softmax(teacher_logits)), ids, -1).astype(np.float32)
+    mask = np.ones((b, seq), bool)
+    g_hidden, g_head = jax.grad(lambda h, w: loss.distill_loss(
+        h, w, ids, lp, mask, temperature=temperature, **CUTS[cut])[0], argnums=(0, 1))(
+        hidden, head)
+    g_logits = (np_softmax(logits / temperature) - np_softmax(teacher_logits / temperature))
+    g_logits /= temperature
+    np.testing.assert_allclose(g_hidden, g_logits @ head.T.astype(np.float64), atol=1e-6)
+    np.testing.assert_allclose(g_head, np.einsum("bld,blv->dv", hidden, g_logits), atol=1e-6)
+
+
+def test_vocab_tiled_stats_equal_the_dense_stats_ties_to_the_lowest_id():
+    """Tiles of 5 over V = 23; columns 3 and 17 of the head are equal (a tie across tiles) and
+    the largest, so the argmax must be 3 as in jnp.argmax."""
+    hidden, head, ids, lp, _ = loss_inputs(np.random.default_rng(13), v=23)
+    head = np.array(head)
+    head[:, 3] = head[:, 17] = 10.0 * np.abs(head).max()
+    hidden = jnp.abs(hidden)
+    valid = lp > -jnp.inf
+    tiled = loss.vocab_tiled_stats(hidden, head, ids, valid, temperature=0.8, vocab_tile=5)
+    dense = loss.student_stats(hidden @ head, ids, valid, temperature=0.8)
+    np.testing.assert_array_equal(tiled.top1, np.full(tiled.top1.shape, 3))
+    np.testing.assert_array_equal(tiled.top1, dense.top1)
+    np.testing.assert_allclose(np.where(valid, tiled.z_at_ids, 0),
+                               np.where(valid, dense.z_at_ids, 0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tiled.log_norm, dense.log_norm, rtol=1e-6)
+    np.testing.assert_allclose(tiled.log_tail, dense.log_tail, rtol=1e-6)
 
 
 def test_loss_is_the_masked_sum_of_reference_divergences_bf16_hidden():
@@ -200,7 +272,9 @@ def test_loss_is_the_masked_sum_of_reference_divergences_bf16_hidden():
     np.testing.assert_allclose(s, per_position[np.asarray(mask)].sum(), rtol=1e-5)
 
 
-def test_chunked_grad_uses_far_less_memory_than_dense():
+@pytest.mark.parametrize("cut", [dict(chunk_axis="sequence", chunk_size=32),
+                                 dict(chunk_axis="vocab", vocab_tile=512)])
+def test_chunked_grad_uses_far_less_memory_than_dense(cut):
     b, seq, d, v, k = 2, 512, 32, 8192, 8
     args = (jax.ShapeDtypeStruct((b, seq, d), jnp.float32),
             jax.ShapeDtypeStruct((d, v), jnp.float32),
@@ -212,7 +286,7 @@ def test_chunked_grad_uses_far_less_memory_than_dense():
         grad = jax.grad(lambda h, w, *rest: fn(h, w, *rest, **kw)[0], argnums=(0, 1))
         return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    chunked = temp_bytes(loss.distill_loss, chunk_size=32)
+    chunked = temp_bytes(loss.distill_loss, **cut)
     dense = temp_bytes(loss.dense_distill_loss)
     logits_bytes = b * seq * v * 4
     assert dense > logits_bytes  # the dense version really holds [B, L, V] logits
@@ -225,15 +299,18 @@ def test_bad_kind_and_beta_are_reported():
         loss.distill_loss(hidden, head, ids, lp, mask, kind="kld")
     with pytest.raises(ValueError, match="beta"):
         loss.distill_loss(hidden, head, ids, lp, mask, kind="jsd", beta=1.0)
+    with pytest.raises(ValueError, match="loss.chunk_axis"):
+        loss.distill_loss(hidden, head, ids, lp, mask, chunk_axis="rows")
 
 
-def test_batch_sharded_over_devices_gives_the_same_loss_and_grads():
-    """Chunks run along the sequence, so a batch axis sharded 8 ways stays sharded."""
+@pytest.mark.parametrize("cut", ["sequence", "vocab7"])
+def test_batch_sharded_over_devices_gives_the_same_loss_and_grads(cut):
+    """Both cuts keep all rows in every piece, so a batch axis sharded 8 ways stays sharded."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(10), b=8)
     fn = jax.jit(jax.value_and_grad(
-        lambda h, w, i, l_, m: loss.distill_loss(h, w, i, l_, m, chunk_size=4),
+        lambda h, w, i, l_, m: loss.distill_loss(h, w, i, l_, m, **CUTS[cut]),
         argnums=(0, 1), has_aux=True))
     sharded = [jax.device_put(x, batch_sharding) for x in (hidden, ids, lp, mask)]
     (s_sharded, c_sharded), g_sharded = fn(sharded[0], head, *sharded[1:])

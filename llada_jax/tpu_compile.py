@@ -31,9 +31,10 @@ from llada_jax.modeling import LLaDAModel
 
 GIB = 1024 ** 3
 # Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes
-# the topology here). setdefault: a real TPU VM's own values win.
+# the topology here), and lets several processes (parallel tests, a benchmark) load it at once
+# (it otherwise holds /tmp/libtpu_lockfile). setdefault: a real TPU VM's own values win.
 LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-              "TPU_WORKER_HOSTNAMES": "localhost"}
+              "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +68,9 @@ def topology_devices(target: str) -> list[jax.Device]:
         topology = topologies.get_topology_desc(
             platform="tpu", topology_name=spec.topology, chip_config_name=spec.chip_config,
             chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    except Exception as err:  # libtpu missing or too old: say what to install
-        raise RuntimeError(f"cannot describe TPU topology {spec.topology!r} ({err}); install the "
-                           f"libtpu wheel that jax[tpu] pins: pip install 'jax[tpu]=="
+    except Exception as err:  # most often: libtpu missing or not the version jax pins
+        raise RuntimeError(f"cannot describe TPU topology {spec.topology!r}: {err}. If libtpu is "
+                           f"missing, install the wheel jax pins: pip install 'jax[tpu]=="
                            f"{jax.__version__}'") from err
     return list(topology.devices)
 

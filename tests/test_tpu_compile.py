@@ -67,3 +67,14 @@ def test_train_step_flops_match_the_parameter_count(config):
     # fwd + bwd (6 per param per token), + the chunked loss recomputes the head's forward.
     estimate = (6 * (layer_params + head) + 2 * head) * tokens / 4
     assert 0.8 < flops / estimate < 1.25, (flops, estimate)
+
+
+@pytest.mark.parametrize("variant,target", [("v5e_64", "v5e-64"), ("v5p_32", "v5p-32"),
+                                            ("v4_32", "v4-32"), ("v6e_16", "v6e-16")])
+def test_llada_8b_variants_match_their_slice(variant, target):
+    """The mesh covers exactly the slice's chips; the batch is a whole number per chip."""
+    config = configlib.load_config(f"{TINY.parent / 'llada_8b.py'}:{variant}")
+    chips = len(tpu_compile.topology_devices(target))
+    assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == chips
+    assert config.data.global_batch_size % chips == 0 and config.data.seq_len == 4096
+    assert (config.model.attention_impl, config.model.dtype) == ("splash", "bfloat16")

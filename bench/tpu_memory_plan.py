@@ -1,0 +1,122 @@
+"""8B memory plan from the TPU compiler: the largest per-chip batch at seq 4096 that fits in HBM.
+
+Compiles the real LLaDA-8B train step (configs/llada_8b.py: splash attention, chunked KL,
+AdamW, FSDP over all chips, abstract inputs) for each TPU slice on this CPU machine (needs the
+libtpu wheel) and prints a markdown table of the compiler's per-device figures:
+
+    python bench/tpu_memory_plan.py                       # all variants, ~4 compiles each
+    python bench/tpu_memory_plan.py --variants v5e_64 --remat full dots --chunks 256 512
+
+Search per variant and (remat, chunk): start at the per-chip batch recorded in
+configs/llada_8b.py, double while it fits, halve while it does not; the last fitting batch is
+the answer. FLOPs per device per step are the cost analysis's, extrapolated over layers
+(tpu_compile.flops_per_step; the splash kernel's own FLOPs are not in it). One 8B compile takes
+minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import time
+
+from llada_jax import tpu_compile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# LLaDA-8B's vocabulary (DESIGN.md); the architecture is in the config file.
+VOCAB_SIZE, MASK_TOKEN_ID, TOP_K = 126464, 126336, 64
+# config variant -> TPU slice (tpu_compile.TARGETS)
+SLICES = {"v5e_64": "v5e-64", "v5p_32": "v5p-32", "v4_32": "v4-32", "v6e_16": "v6e-16"}
+
+
+def load_variants_module():
+    spec = importlib.util.spec_from_file_location("llada_8b", ROOT / "configs" / "llada_8b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_config(module, variant: str, per_chip_batch: int, remat: str, chunk: int):
+    config = module.get_config(variant)
+    chips = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+    config.data.global_batch_size = per_chip_batch * chips
+    config.model.update(remat_policy=remat, init="random")
+    config.loss.chunk_size = chunk
+    return config
+
+
+def largest_fitting_batch(module, variant: str, remat: str, chunk: int, rows: list):
+    """Doubling/halving search from the recorded batch; every compile is appended to `rows`."""
+    tried: dict[int, bool] = {}
+    batch = module.VARIANTS[variant][1]
+    while batch >= 1 and batch not in tried:
+        started = time.perf_counter()
+        report = tpu_compile.compile_train_step(
+            step_config(module, variant, batch, remat, chunk), SLICES[variant],
+            vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID, top_k=TOP_K)
+        tried[batch] = report.fits
+        rows.append((variant, batch, remat, chunk, report, time.perf_counter() - started))
+        print(f"# {variant} batch {batch} {remat} chunk {chunk}: "
+              f"{report.total_bytes / tpu_compile.GIB:.2f} GiB, fits={report.fits}",
+              file=sys.stderr, flush=True)
+        batch = batch * 2 if report.fits else batch // 2
+    fitting = [b for b, fits in tried.items() if fits]
+    return max(fitting) if fitting else None
+
+
+def gib(n: int) -> str:
+    return f"{n / tpu_compile.GIB:.2f}"
+
+
+def print_tables(rows: list, best: dict) -> None:
+    print("| slice | per-chip batch | remat | loss chunk | arguments GiB | outputs GiB (fresh) "
+          "| temporaries GiB | total GiB | HBM GiB | fits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for variant, batch, remat, chunk, r, _ in rows:
+        print(f"| {SLICES[variant]} | {batch} | {remat} | {chunk} | {gib(r.argument_bytes)} | "
+              f"{gib(r.output_bytes - r.alias_bytes)} | {gib(r.temp_bytes)} | "
+              f"{gib(r.total_bytes)} | {gib(r.hbm_bytes)} | {'yes' if r.fits else 'no'} |")
+    print()
+    print("| slice | config | mesh | per-chip batch | global batch | remat | loss chunk "
+          "| TFLOP per chip per step | tokens per step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant, (batch, remat, chunk, flops, mesh) in best.items():
+        chips = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+        mesh_text = " ".join(f"{k}={v}" for k, v in mesh.items() if v > 1)
+        print(f"| {SLICES[variant]} | llada_8b.py:{variant} | {mesh_text} | {batch} | "
+              f"{batch * chips} | {remat} | {chunk} | {flops / 1e12:.1f} | {batch * chips * 4096} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(SLICES), choices=list(SLICES))
+    parser.add_argument("--remat", nargs="+", default=["full"], help="policies to search")
+    parser.add_argument("--chunks", nargs="+", type=int, default=[512], help="loss chunk sizes")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs compiles")
+    args = parser.parse_args(argv)
+    module = load_variants_module()
+    rows, best = [], {}
+    for variant in args.variants:
+        found = []
+        for remat in args.remat:
+            for chunk in args.chunks:
+                batch = largest_fitting_batch(module, variant, remat, chunk, rows)
+                if batch is not None:
+                    found.append((batch, remat, chunk))
+        if not found:
+            continue
+        # Largest batch; among equals, the order given on the command line (cheapest first).
+        batch, remat, chunk = max(found, key=lambda f: f[0])
+        config = step_config(module, variant, batch, remat, chunk)
+        flops = 0.0 if args.no_flops else tpu_compile.flops_per_step(
+            config, SLICES[variant], vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID,
+            top_k=TOP_K)
+        best[variant] = (batch, remat, chunk, flops, dict(config.mesh))
+    print_tables(rows, best)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
     "train": ("llada_jax.train", "fine-tune the student on teacher targets (resumes by itself)"),
     "eval": ("llada_jax.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
+    "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),
     "generate-teacher": ("llada_jax.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
 }
 

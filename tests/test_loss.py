@@ -179,8 +179,8 @@ CUTS = {"sequence": dict(chunk_axis="sequence", chunk_size=4),
         "vocab16": dict(chunk_axis="vocab", vocab_tile=16)}
 
 
-@pytest.mark.parametrize("cut", CUTS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, cut", [(kind, cut) for kind in KINDS for cut in CUTS
+                                       if cut != "vocab16" or kind == "kl"])
 def test_chunked_matches_dense_values_and_grads(kind, cut):
     hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(7))
 
@@ -198,8 +198,7 @@ def test_chunked_matches_dense_values_and_grads(kind, cut):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("cut", ["sequence", "vocab7"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, cut", [(kind, "vocab7") for kind in KINDS] + [("kl", "sequence")])
 def test_k_equals_v_through_the_head_is_the_dense_divergence(kind, cut):
     """Teacher = a full softmax as k = V sorted log-probs: the loss through the chunked head is
     the dense divergence of float64 NumPy softmaxes (<= 1e-6 per position), at T = 2."""

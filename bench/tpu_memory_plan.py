@@ -6,6 +6,7 @@ libtpu wheel) and prints a markdown table of the compiler's per-device figures:
 
     python bench/tpu_memory_plan.py                       # all variants, ~4 compiles each
     python bench/tpu_memory_plan.py --variants v5e_64 --remat full dots --chunks 256 512
+    python bench/tpu_memory_plan.py --variants v5p_32 --batches 8 16     # no search
 
 Search per variant and (remat, chunk): start at the per-chip batch recorded in
 configs/llada_8b.py, double while it fits, halve while it does not; the last fitting batch is
@@ -47,21 +48,32 @@ def step_config(module, variant: str, per_chip_batch: int, remat: str, chunk: in
     return config
 
 
-def largest_fitting_batch(module, variant: str, remat: str, chunk: int, rows: list):
-    """Doubling/halving search from the recorded batch; every compile is appended to `rows`."""
-    tried: dict[int, bool] = {}
-    batch = module.VARIANTS[variant][1]
-    while batch >= 1 and batch not in tried:
-        started = time.perf_counter()
-        report = tpu_compile.compile_train_step(
+def try_batch(module, variant: str, batch: int, remat: str, chunk: int, rows: list) -> bool:
+    """Compiles one setting, appends its row (a report, or the compiler's out-of-HBM message)."""
+    started = time.perf_counter()
+    try:
+        result = tpu_compile.compile_train_step(
             step_config(module, variant, batch, remat, chunk), SLICES[variant],
             vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID, top_k=TOP_K)
-        tried[batch] = report.fits
-        rows.append((variant, batch, remat, chunk, report, time.perf_counter() - started))
-        print(f"# {variant} batch {batch} {remat} chunk {chunk}: "
-              f"{report.total_bytes / tpu_compile.GIB:.2f} GiB, fits={report.fits}",
-              file=sys.stderr, flush=True)
-        batch = batch * 2 if report.fits else batch // 2
+    except tpu_compile.OutOfHbm as err:
+        result = err
+    fits = not isinstance(result, Exception) and result.fits
+    rows.append((variant, batch, remat, chunk, result))
+    print(f"# {variant} batch {batch} {remat} chunk {chunk}: fits={fits} "
+          f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return fits
+
+
+def largest_fitting_batch(module, variant: str, remat: str, chunk: int, rows: list,
+                          batches: list[int] | None) -> int | None:
+    """Doubling/halving search from the recorded batch (or exactly `batches`)."""
+    tried: dict[int, bool] = {}
+    if batches:
+        tried = {b: try_batch(module, variant, b, remat, chunk, rows) for b in batches}
+    batch = module.VARIANTS[variant][1]
+    while not batches and batch >= 1 and batch not in tried:
+        tried[batch] = try_batch(module, variant, batch, remat, chunk, rows)
+        batch = batch * 2 if tried[batch] else batch // 2
     fitting = [b for b, fits in tried.items() if fits]
     return max(fitting) if fitting else None
 
@@ -74,7 +86,11 @@ def print_tables(rows: list, best: dict) -> None:
     print("| slice | per-chip batch | remat | loss chunk | arguments GiB | outputs GiB (fresh) "
           "| temporaries GiB | total GiB | HBM GiB | fits |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for variant, batch, remat, chunk, r, _ in rows:
+    for variant, batch, remat, chunk, r in rows:
+        if isinstance(r, Exception):
+            print(f"| {SLICES[variant]} | {batch} | {remat} | {chunk} | compiler: out of HBM, "
+                  f"{r} | | | | | no |")
+            continue
         print(f"| {SLICES[variant]} | {batch} | {remat} | {chunk} | {gib(r.argument_bytes)} | "
               f"{gib(r.output_bytes - r.alias_bytes)} | {gib(r.temp_bytes)} | "
               f"{gib(r.total_bytes)} | {gib(r.hbm_bytes)} | {'yes' if r.fits else 'no'} |")
@@ -94,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(SLICES), choices=list(SLICES))
     parser.add_argument("--remat", nargs="+", default=["full"], help="policies to search")
     parser.add_argument("--chunks", nargs="+", type=int, default=[512], help="loss chunk sizes")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="compile exactly these per-chip batches (no search)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs compiles")
     args = parser.parse_args(argv)
     module = load_variants_module()
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         found = []
         for remat in args.remat:
             for chunk in args.chunks:
-                batch = largest_fitting_batch(module, variant, remat, chunk, rows)
+                batch = largest_fitting_batch(module, variant, remat, chunk, rows, args.batches)
                 if batch is not None:
                     found.append((batch, remat, chunk))
         if not found:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -73,6 +74,11 @@ def topology_devices(target: str) -> list[jax.Device]:
                            f"missing, install the wheel jax pins: pip install 'jax[tpu]=="
                            f"{jax.__version__}'") from err
     return list(topology.devices)
+
+
+class OutOfHbm(RuntimeError):
+    """The TPU compiler found no schedule within HBM (some steps fail this way, others compile
+    and report a total above HBM)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +163,13 @@ def compile_train_step(config: ml_collections.ConfigDict, target: str, *, vocab_
     devices = topology_devices(target)
     model_cfg = model_config(config, vocab_size, mask_token_id)
     lowered, mesh = lower_train_step(config, model_cfg, devices, top_k=top_k)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        used = re.search(r"Used (\S+) of (\S+) hbm", str(err))
+        if used is None:
+            raise
+        raise OutOfHbm(f"uses {used[1]} of {used[2]} HBM") from err
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -21,9 +21,7 @@ from llada_jax.config import ModelConfig
 
 
 class TrainCheckpointer:
-    def __init__(self, workdir: str | pathlib.Path, *, save_every: int, keep: int,
-                 async_save: bool = True):
-        self.save_every = max(int(save_every), 1)
+    def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
@@ -33,8 +31,8 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def should_save(self, step: int) -> bool:
-        return step % self.save_every == 0 or self.manager.reached_preemption(step)
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}

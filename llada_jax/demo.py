@@ -13,6 +13,7 @@ It prints a before/after table and writes `curves.png` (loss and acceptance α p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -23,15 +24,20 @@ import time
 ASSETS = pathlib.Path(__file__).parent / "demo_assets"
 TINY_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
 STRATEGIES = ("original", "masked_only", "prefix_block")
+SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="where everything is written")
-    parser.add_argument("--steps", type=int, default=300, help="student training steps")
+    parser.add_argument("--steps", type=int, default=200, help="student training steps")
     parser.add_argument("--mask-mode", default=None, choices=STRATEGIES + ("full",),
                         help="loss positions (default: the config's recommended default)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="teacher answer length")
     parser.add_argument("--top-k", type=int, default=32, help="teacher targets kept per token")
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="use only the first N prompts (a quicker, smaller run)")
+    parser.add_argument("--student", choices=("pretrained", "random"), default="random",
+                        help="start from the shipped pre-trained tiny LLaDA, or from scratch")
     parser.add_argument("--compare-strategies", action="store_true",
                         help="train once per loss-position strategy and compare held-out alpha")
 
@@ -42,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data_dir = make_teacher_data(out, args.max_new_tokens, args.top_k)
+    data_dir = make_teacher_data(out, args.max_new_tokens, args.top_k, args.max_prompts)
     modes = STRATEGIES if args.compare_strategies else (args.mask_mode,)
     results = {}
     for mode in modes:
-        overrides = demo_overrides(data_dir, args.steps, mode)
+        overrides = demo_overrides(data_dir, args.steps, mode, args.student)
         config = configlib.load_config(str(TINY_CONFIG), overrides)
         workdir = out / ("run" if len(modes) == 1 else f"run_{mode}")
         results[config.loss.mask_mode] = align_student(config, workdir)
@@ -59,15 +65,20 @@ def run(args: argparse.Namespace) -> int:
     plot_curves(workdir / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(before_after_table(result))
-    print(f"\nmask mode {mode}; exported HF model: {export_dir}; curves: {out / 'curves.png'}; "
-          f"total {time.perf_counter() - start:.0f} s")
+    print(f"\nmask mode {mode}; curves: {out / 'curves.png'}; total "
+          f"{time.perf_counter() - start:.0f} s. The same held-out numbers from the exported model:"
+          f"\n  llada-jax eval --ckpt {export_dir} --data {data_dir} --gamma 4 "
+          f"--batch-size {EVAL_BATCH} --seq-len {SEQ_LEN}")
     return 0
 
 
-def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None) -> list[str]:
-    """The tiny config, sized for the demo data (the student is random-initialised)."""
-    overrides = [f"--config.data.dir={data_dir}", "--config.data.seq_len=96",
-                 "--config.data.global_batch_size=16", "--config.model.d_model=128",
+def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None,
+                   student: str = "random") -> list[str]:
+    """The tiny config, sized for the demo data."""
+    init = (f"--config.model.init={ASSETS / 'student'}" if student == "pretrained" else
+            "--config.model.d_model=128")  # from scratch: a slightly wider random student
+    overrides = [f"--config.data.dir={data_dir}", f"--config.data.seq_len={SEQ_LEN}",
+                 f"--config.data.global_batch_size={EVAL_BATCH}", init,
                  "--config.model.n_layers=4", "--config.model.mlp_hidden_size=256",
                  f"--config.train.num_steps={steps}", "--config.train.num_epochs=1000",
                  f"--config.train.eval_every={max(steps // 6, 1)}", "--config.train.eval_batches=8",
@@ -76,26 +87,38 @@ def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None) -> list
     return overrides + ([f"--config.loss.mask_mode={mode}"] if mode else [])
 
 
-def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int) -> pathlib.Path:
+def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int,
+                      max_prompts: int | None = None) -> pathlib.Path:
     """Teacher answers with full-vocabulary logits -> the student's top-k records."""
     from data_pipeline.convert import Options
     from data_pipeline.preprocess import preprocess
-    from llada_jax.generate_teacher import Sampling, generate_teacher
+    from llada_jax.generate_teacher import Sampling, generate_records, load_teacher, read_prompts
+    from llada_jax.generate_teacher import write_records
 
-    dump = out / "teacher.jsonl"
-    t = time.perf_counter()
-    n = generate_teacher(ASSETS / "teacher", ASSETS / "teacher_tokenizer",
-                         [ASSETS / "prompts_train.txt", ASSETS / "prompts_eval.txt"], dump,
-                         Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
-                         batch_size=64, full_logits=True)
-    print(f"[1/4] teacher: {n} answers with full logits -> {dump} "
-          f"({dump.stat().st_size / 1e6:.0f} MB, {time.perf_counter() - t:.0f} s)")
+    dump, done = out / "teacher.jsonl", out / "teacher.done"
+    recipe = json.dumps({"max_new_tokens": max_new_tokens, "assets": str(ASSETS),
+                         "max_prompts": max_prompts})
+    fresh = not (done.is_file() and done.read_text() == recipe)
+    if fresh:  # a rerun in the same --out reuses the teacher's answers
+        done.unlink(missing_ok=True)
+        t = time.perf_counter()
+        teacher, tokenizer = load_teacher(ASSETS / "teacher", ASSETS / "teacher_tokenizer")
+        prompts = itertools.islice(read_prompts([ASSETS / "prompts_train.txt",
+                                                 ASSETS / "prompts_eval.txt"]), max_prompts)
+        n = write_records(generate_records(teacher, tokenizer, prompts,
+                                           Sampling(max_new_tokens=max_new_tokens), batch_size=64,
+                                           full_logits=True), dump)
+        done.write_text(recipe)
+        print(f"[1/4] teacher: {n} answers with full logits -> {dump} "
+              f"({dump.stat().st_size / 1e6:.0f} MB, {time.perf_counter() - t:.0f} s)")
+    else:
+        print(f"[1/4] teacher: reusing {dump}")
     t = time.perf_counter()
     data_dir = out / "data"
     report = preprocess([str(dump)], str(data_dir),
                         Options(str(ASSETS / "student_tokenizer"), str(ASSETS / "teacher_tokenizer"),
                                 max_length=128, top_k=top_k, validation_fraction=0.2),
-                        workers=os.cpu_count() or 1, overwrite=True)
+                        workers=os.cpu_count() or 1, overwrite=fresh)
     cov = report["coverage"]
     print(f"[2/4] preprocess: {report['written']}/{report['read']} examples "
           f"({report['written_per_split']}), vocab matched {cov['vocab_matched_pct']:.1f}%, "

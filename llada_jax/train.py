@@ -70,11 +70,17 @@ def _on_multihost_tpu() -> bool:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the step loop checks (save, then exit 0)."""
+    """Turns SIGTERM into a flag the step loop checks (save, then exit 0).
+
+    Single process only: with several processes, hosts would see the signal at different steps,
+    so there JAX's preemption service (which owns SIGTERM) names one sync step for all hosts,
+    and `reached_preemption` is what the loop checks.
+    """
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -173,8 +179,7 @@ class Trainer:
         self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, replicated),
                                out_shardings=(self.state_sharding, replicated), donate_argnums=0)
         self.checkpointer = TrainCheckpointer(
-            self.workdir, save_every=config.train.checkpoint_every,
-            keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
+            self.workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
 
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self) -> train_step.TrainState:
@@ -248,10 +253,14 @@ class Trainer:
                     pending = (step, metrics)
                     if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                         self.log_eval(state, step, logger)
-                    if preemption.requested or self.checkpointer.should_save(step):
+                    # SIGTERM here, or the JAX preemption sync point that every host reaches
+                    # at the same step on a TPU pod: save, then leave with exit code 0.
+                    stop = preemption.requested or self.checkpointer.reached_preemption(step)
+                    if stop or step % cfg.train.checkpoint_every == 0:
                         self.checkpointer.save(step, state, data_iter, cfg.to_dict())
-                    if preemption.requested:
-                        print(f"llada-jax train: SIGTERM at step {step}; checkpoint saved, exiting")
+                    if stop:
+                        print(f"llada-jax train: preempted (SIGTERM) at step {step}; "
+                              f"checkpoint saved, exiting")
                         return last
                 if pending is not None:
                     last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,

@@ -98,7 +98,7 @@ def test_sigterm_saves_exits_zero_and_resumes(data_dir, uninterrupted, tmp_path)
     cmd = train_cmd(data_dir, tmp_path)
     code, out, err = interrupt(cmd, tmp_path, signal.SIGTERM, after_checkpoint=5)
     assert code == 0, err[-3000:]
-    stopped_at = int(out.split("SIGTERM at step ")[1].split(";")[0])
+    stopped_at = int(out.split("preempted (SIGTERM) at step ")[1].split(";")[0])
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert 5 <= stopped_at < STEPS and saved[-1] == stopped_at  # saved where it stopped
     run_to_end(cmd)

@@ -1,0 +1,33 @@
+"""`llada-jax demo` end to end on a small slice, and `eval` re-run on its exported HF model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_small_run_and_eval_of_the_export(tmp_path):
+    out = tmp_path / "demo"
+    demo = subprocess.run(
+        [sys.executable, "-m", "llada_jax", "demo", "--out", str(out), "--max-prompts", "64",
+         "--max-new-tokens", "12", "--steps", "30"], capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    before, after = results["before"], results["after"]
+    assert after["kl"] < before["kl"] - 0.3          # the student moved towards the teacher
+    assert after["alpha_lower"] > before["alpha_lower"]
+    for r in (before, after):
+        assert 0.0 <= r["alpha_lower"] <= r["alpha_upper"] <= 1.0
+        assert r["E_lower"] == pytest.approx(sum(r["alpha_lower"] ** j for j in range(5)))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "KL (teacher || student)" in demo.stdout
+
+    command = demo.stdout.split("llada-jax eval ")[1].split("\n")[0].split()
+    again = subprocess.run([sys.executable, "-m", "llada_jax", "eval", *command],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    exported = json.loads(again.stdout)["gamma=4"]
+    for key in ("kl", "alpha_lower", "alpha_upper", "top1"):
+        assert exported[key] == pytest.approx(after[key], abs=1e-5)

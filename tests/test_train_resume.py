@@ -112,5 +112,5 @@ def test_held_out_kl_falls(data_dir, tmp_path):
     evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["split"] == "eval"]
     assert [e["step"] for e in evals] == [0, 20, 40]
-    assert evals[-1]["kl"] < evals[0]["kl"] - 0.3
+    assert evals[-1]["kl"] < evals[1]["kl"] < evals[0]["kl"] - 0.1
     assert evals[-1]["alpha_upper"] > evals[0]["alpha_upper"]

@@ -78,6 +78,14 @@ def largest_fitting_batch(module, variant: str, remat: str, chunk: int, rows: li
     return max(fitting) if fitting else None
 
 
+def matmul_params(config) -> int:
+    """N of the 6 * N * tokens yardstick: every weight matrix but the embedding table."""
+    m = config.model
+    head_dim = m.d_model // m.n_heads
+    attention = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    return m.n_layers * (attention + 3 * m.d_model * m.mlp_hidden_size) + m.d_model * VOCAB_SIZE
+
+
 def gib(n: int) -> str:
     return f"{n / tpu_compile.GIB:.2f}"
 
@@ -96,13 +104,15 @@ def print_tables(rows: list, best: dict) -> None:
               f"{gib(r.total_bytes)} | {gib(r.hbm_bytes)} | {'yes' if r.fits else 'no'} |")
     print()
     print("| slice | config | mesh | per-chip batch | global batch | remat | loss chunk "
-          "| TFLOP per chip per step | tokens per step |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for variant, (batch, remat, chunk, flops, mesh) in best.items():
+          "| TFLOP per chip per step (cost analysis) | 6·N·tokens per chip, TFLOP "
+          "| tokens per step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for variant, (batch, remat, chunk, flops, mesh, n_params) in best.items():
         chips = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
         mesh_text = " ".join(f"{k}={v}" for k, v in mesh.items() if v > 1)
         print(f"| {SLICES[variant]} | llada_8b.py:{variant} | {mesh_text} | {batch} | "
-              f"{batch * chips} | {remat} | {chunk} | {flops / 1e12:.1f} | {batch * chips * 4096} |")
+              f"{batch * chips} | {remat} | {chunk} | {flops / 1e12:.1f} | "
+              f"{6 * n_params * batch * 4096 / 1e12:.1f} | {batch * chips * 4096} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         flops = 0.0 if args.no_flops else tpu_compile.flops_per_step(
             config, SLICES[variant], vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID,
             top_k=TOP_K)
-        best[variant] = (batch, remat, chunk, flops, dict(config.mesh))
+        best[variant] = (batch, remat, chunk, flops, dict(config.mesh), matmul_params(config))
     print_tables(rows, best)
     return 0
 

@@ -30,6 +30,7 @@ def get_config(variant: str = "v5e_64") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.init = ""                  # required: a params checkpoint dir from `import-hf`
     c.model.init_seed = 0
+    c.model.mask_token = ""            # only for random init; a checkpoint carries mask_token_id
     c.model.d_model = 4096
     c.model.n_heads = 32
     c.model.n_kv_heads = 32
@@ -48,6 +49,7 @@ def get_config(variant: str = "v5e_64") -> ml_collections.ConfigDict:
     c.data.global_batch_size = chips * per_chip_batch
     c.data.seed = 0
     c.data.pack = True
+    c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
     c.data.eval_split = "validation"
 
     c.loss = ml_collections.ConfigDict()

@@ -47,12 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = configlib.load_config(args.config, args.extra)
-    except configlib.ConfigError as err:
+        maybe_initialize_distributed(args)
+        trainer = Trainer(config, args.workdir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:  # config, checkpoint or data the user must fix
         print(f"llada-jax train: {err}", file=sys.stderr)
         return 2
-    maybe_initialize_distributed(args)
-    result = Trainer(config, args.workdir, progress=not args.no_progress).fit()
-    return 0 if result is not None else 1
+    trainer.fit()
+    return 0
 
 
 def maybe_initialize_distributed(args: argparse.Namespace) -> None:
@@ -129,6 +130,9 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
                      eos_token_id: int | None) -> ModelConfig:
     """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
     m = config.model
+    if not m.init:
+        raise ConfigError("config field model.init is empty: pass --config.model.init=CKPT (a "
+                          "params checkpoint from `llada-jax import-hf`), or \"random\"")
     run_settings = dict(scan_layers=m.scan_layers, remat_policy=m.remat_policy,
                         param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl)
     if m.init != "random":
@@ -159,6 +163,12 @@ class Trainer:
         self.mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES})
         self.rules = sharding.DEFAULT_RULES
         self.meta = data_loader.read_metadata(config.data.dir)
+        self.num_data_shards = config.data.num_shards or jax.process_count()
+        if (self.num_data_shards % jax.process_count()
+                or config.data.global_batch_size % self.num_data_shards):
+            raise ConfigError(f"data.num_shards={self.num_data_shards} must be a multiple of the "
+                              f"{jax.process_count()} processes and divide "
+                              f"data.global_batch_size={config.data.global_batch_size}")
         mask_id, eos_id = student_special_ids(self.meta.options["student_tokenizer"],
                                               config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
@@ -198,11 +208,7 @@ class Trainer:
     def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):
         """This host's rows of each global batch, from its data shards (see HostShards)."""
         d = self.config.data
-        num_shards = d.num_shards or jax.process_count()
-        if num_shards % jax.process_count() or d.global_batch_size % num_shards:
-            raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the "
-                              f"{jax.process_count()} processes and divide "
-                              f"data.global_batch_size={d.global_batch_size}")
+        num_shards = self.num_data_shards
         per_host = num_shards // jax.process_count()
         first = jax.process_index() * per_host
         return HostShards([data_loader.make_loader(

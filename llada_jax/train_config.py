@@ -1,0 +1,77 @@
+"""The training config schema, with the original system's settings as defaults.
+
+Config files in `configs/` start from `default_config()` and change what differs (`tiny.py`
+shrinks it for CPU, `llada_8b.py` sizes it for a TPU slice), so every file has the same fields
+and `--config.a.b=v` overrides work on all of them.
+"""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = ""                  # a params checkpoint dir from `import-hf`, or "random"
+    c.model.init_seed = 0
+    c.model.mask_token = ""            # random init: "" = the student tokenizer's <|mdm_mask|>, ...
+    # Architecture, used by random init only (a checkpoint brings its own): LLaDA-8B.
+    c.model.d_model = 4096
+    c.model.n_heads = 32
+    c.model.n_kv_heads = 32
+    c.model.n_layers = 32
+    c.model.mlp_hidden_size = 12288
+    c.model.rope_theta = 500000.0
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"         # compute dtype
+    c.model.scan_layers = True
+    c.model.remat_policy = "full"      # none | full | dots
+    c.model.attention_impl = "xla"     # xla | dot_product_attention | splash
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""                    # a `llada-jax preprocess` output dir (required)
+    c.data.seq_len = 4096
+    c.data.global_batch_size = 2
+    c.data.seed = 0
+    c.data.pack = True
+    c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
+    c.data.eval_split = "validation"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
+    c.loss.temperature = 1.0
+    c.loss.chunk_size = 512            # LM-head chunk (see llada_jax/loss.py)
+    c.loss.mask_mode = "original"      # original | masked_only | full | prefix_block
+    c.loss.mask_eps = 1e-3
+
+    # The original trainer's settings (DESIGN.md "Training system").
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2.5e-5
+    c.optim.final_lr_fraction = 0.0
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.max_grad_norm = 1.0
+    c.optim.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seed = 0
+    c.train.num_epochs = 3
+    c.train.num_steps = 0              # 0: derived from num_epochs and the dataset size
+    c.train.log_every = 10
+    c.train.eval_every = 200           # 0: no periodic eval
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpointing = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.gammas = (4, 8)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                   # -1: every device not used by fsdp/tensor
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

@@ -21,14 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec
 
-from llada_jax import optim, sharding, train_step
+from llada_jax import sharding, train_config, train_step
 from llada_jax.checkpointing import with_shardings
 from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
 
 GIB = 1024 ** 3
 # Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes
@@ -106,18 +103,6 @@ class CompileReport:
         return self.total_bytes <= self.hbm_bytes
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int, mask_token_id: int
-                 ) -> ModelConfig:
-    """The student architecture and run settings of `config.model` at a given vocabulary."""
-    m = config.model
-    return ModelConfig(
-        d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, n_layers=m.n_layers,
-        mlp_hidden_size=m.mlp_hidden_size, vocab_size=vocab_size, rope_theta=m.rope_theta,
-        mask_token_id=mask_token_id, max_sequence_length=config.data.seq_len,
-        scan_layers=m.scan_layers, remat_policy=m.remat_policy, param_dtype=m.param_dtype,
-        dtype=m.dtype, attention_impl=m.attention_impl)
-
-
 def abstract_batch(batch_size: int, seq_len: int, top_k: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The loader's batch (DESIGN.md "Batch format") as shapes."""
     bl, blk = (batch_size, seq_len), (batch_size, seq_len, top_k)
@@ -135,25 +120,16 @@ def lower_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                      rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[jax.stages.Lowered, Any]:
     """(lowered step, mesh): the Trainer's jit signature over abstract state and batch."""
     mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES}, devices)
-    abstract_model = nnx.eval_shape(lambda: LLaDAModel(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    optimizer = optim.make_optimizer(config.optim, total_steps=1000)
-    abstract_state = jax.eval_shape(lambda p: train_step.init_train_state(p, optimizer),
-                                    abstract_params)
-    state_sharding = train_step.state_shardings(abstract_state, mesh, rules)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = train_step.jit_train_step(config, model_cfg, mesh, rules, total_steps=1000)
     batch = abstract_batch(config.data.global_batch_size, config.data.seq_len, top_k)
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id),
-                   in_shardings=(state_sharding, batch_sharding, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
     # A training run's own matmul precision: a global "highest" (the tests set it for CPU
     # numerics) makes Mosaic reject the splash kernel's bf16 matmuls.
     with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
-        lowered = step.lower(with_shardings(abstract_state, state_sharding),
-                             with_shardings(batch, {k: batch_sharding for k in batch}),
-                             with_shardings(rng, replicated))
+        lowered = jitted.step.lower(
+            with_shardings(jitted.abstract_state, jitted.state_sharding),
+            with_shardings(batch, {k: jitted.batch_sharding for k in batch}),
+            with_shardings(rng, jitted.replicated))
     return lowered, mesh
 
 
@@ -161,7 +137,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: str, *, vocab_
                        mask_token_id: int, top_k: int = 64) -> CompileReport:
     """Compiles `config`'s train step for TARGETS[target]; the compiler's per-device figures."""
     devices = topology_devices(target)
-    model_cfg = model_config(config, vocab_size, mask_token_id)
+    model_cfg = train_config.random_init_model_config(config, vocab_size, mask_token_id)
     lowered, mesh = lower_train_step(config, model_cfg, devices, top_k=top_k)
     try:
         compiled = lowered.compile()

@@ -17,14 +17,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
 from data_pipeline import records
-from llada_jax import checkpoint_io, configlib, optim, sharding, train_step
+from llada_jax import checkpoint_io, configlib, optim, sharding, train_config, train_step
 from llada_jax.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_shardings
 from llada_jax.config import ModelConfig
 from llada_jax.configlib import ConfigError
@@ -133,20 +132,14 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
     if not m.init:
         raise ConfigError("config field model.init is empty: pass --config.model.init=CKPT (a "
                           "params checkpoint from `llada-jax import-hf`), or \"random\"")
-    run_settings = dict(scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                        param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl)
     if m.init != "random":
-        cfg = checkpoint_io.load_config(m.init, **run_settings)
+        cfg = checkpoint_io.load_config(m.init, **train_config.run_settings(config))
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model.init={m.init} has vocab_size {cfg.vocab_size} but the data "
                               f"uses student token ids up to {vocab_size - 1}: wrong checkpoint "
                               f"or wrong data dir?")
         return cfg
-    return ModelConfig(
-        d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, n_layers=m.n_layers,
-        mlp_hidden_size=m.mlp_hidden_size, vocab_size=vocab_size, rope_theta=m.rope_theta,
-        mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-        max_sequence_length=config.data.seq_len, **run_settings)
+    return train_config.random_init_model_config(config, vocab_size, mask_token_id, eos_token_id)
 
 
 class Trainer:
@@ -172,22 +165,14 @@ class Trainer:
         mask_id, eos_id = student_special_ids(self.meta.options["student_tokenizer"],
                                               config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
-        abstract_model = nnx.eval_shape(lambda: LLaDAModel(self.model_cfg, rngs=nnx.Rngs(0)))
-        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         train_tokens = self.meta.num_examples["train"] * mean_example_length(config.data.dir)
         self.total_steps = estimate_total_steps(config, train_tokens)
         self.schedule = optim.learning_rate_schedule(config.optim, self.total_steps)
-        self.optimizer = optim.make_optimizer(config.optim, self.total_steps)
-        self.abstract_state = jax.eval_shape(
-            lambda p: train_step.init_train_state(p, self.optimizer), abstract_params)
-        self.state_sharding = train_step.state_shardings(self.abstract_state, self.mesh, self.rules)
-        batch_spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        step_fn = train_step.make_train_step(self.graphdef, self.optimizer, config,
-                                             self.model_cfg.mask_token_id)
-        self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, replicated),
-                               out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+        jitted = train_step.jit_train_step(config, self.model_cfg, self.mesh, self.rules,
+                                           self.total_steps)
+        self.step_fn, self.graphdef, self.optimizer = jitted.step, jitted.graphdef, jitted.optimizer
+        self.abstract_state, self.state_sharding = jitted.abstract_state, jitted.state_sharding
+        self.batch_sharding = jitted.batch_sharding
         self.checkpointer = TrainCheckpointer(
             self.workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpointing)
 

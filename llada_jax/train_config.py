@@ -7,6 +7,8 @@ and `--config.a.b=v` overrides work on all of them.
 
 import ml_collections
 
+from llada_jax.config import ModelConfig
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -75,3 +77,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     return c
+
+
+def random_init_model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                             mask_token_id: int, eos_token_id: int | None = None) -> ModelConfig:
+    """The student ModelConfig that `config.model` describes, for a random init (or a compile)."""
+    m = config.model
+    return ModelConfig(
+        d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, n_layers=m.n_layers,
+        mlp_hidden_size=m.mlp_hidden_size, vocab_size=vocab_size, rope_theta=m.rope_theta,
+        mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        max_sequence_length=config.data.seq_len, **run_settings(config))
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict:
+    """The ModelConfig run fields (not architecture) that a training config sets."""
+    m = config.model
+    return dict(scan_layers=m.scan_layers, remat_policy=m.remat_policy, param_dtype=m.param_dtype,
+                dtype=m.dtype, attention_impl=m.attention_impl)

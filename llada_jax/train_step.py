@@ -6,6 +6,7 @@ the NNX module is rebuilt from its graphdef inside the step (`nnx.merge`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -16,8 +17,9 @@ import optax
 from flax import nnx
 
 from llada_jax import loss as loss_lib
-from llada_jax import masking
-from llada_jax import sharding
+from llada_jax import masking, optim, sharding
+from llada_jax.config import ModelConfig
+from llada_jax.modeling import LLaDAModel
 
 Batch = dict[str, jax.Array]
 
@@ -118,3 +120,33 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     return step
+
+
+@dataclasses.dataclass(frozen=True)
+class JittedStep:
+    """The train step's jit signature and what it was built from (shared by the trainer and the
+    TPU compile checks, so both compile the very same program)."""
+    step: Callable                 # jit(step, in/out shardings, donated state)
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    abstract_state: TrainState     # ShapeDtypeStructs
+    state_sharding: Any
+    batch_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                   mesh: jax.sharding.Mesh, rules: sharding.Rules, total_steps: int) -> JittedStep:
+    """Builds the state abstractly (no allocation), its shardings, and the jitted step."""
+    abstract_model = nnx.eval_shape(lambda: LLaDAModel(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    optimizer = optim.make_optimizer(config.optim, total_steps)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params)
+    state_sharding = state_shardings(abstract_state, mesh, rules)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id),
+                   in_shardings=(state_sharding, batch_sharding, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return JittedStep(step, graphdef, optimizer, abstract_state, state_sharding, batch_sharding,
+                      replicated)

@@ -1,12 +1,10 @@
 """Train step: accumulation, non-finite skipping, sharded == single device, optimizer details."""
 
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from llada_jax import configlib, optim, sharding, train_step

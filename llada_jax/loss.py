@@ -92,7 +92,7 @@ class StudentStats(NamedTuple):
     z_at_ids: jax.Array   # [..., K] z at the teacher's ids (unused slots: any finite value)
     log_norm: jax.Array   # [...] logsumexp of z over the vocabulary
     log_tail: jax.Array   # [...] logsumexp of z off the teacher's ids; -inf if they cover V
-    top1: jax.Array       # [...] int32 argmax of z, the student's greedy token
+    top1: jax.Array | None  # [...] int32 argmax of z (the greedy token); None if not asked for
 
 
 # stats, teacher_ids [..., K], teacher_logprobs [..., K] -> {name: [...] float32 per position}
@@ -267,12 +267,12 @@ class _TileCarry(NamedTuple):
     z_at_ids: jax.Array   # [N, K] z at the teacher ids seen so far, 0 elsewhere
     norm: tuple           # (max, sum) of exp over all columns; the max is also top1's value
     tail: tuple           # (max, sum) of exp over columns that are not teacher ids
-    top1: jax.Array       # [N] int32 argmax so far
+    top1: jax.Array | None  # [N] int32 argmax so far (None: not asked for)
 
 
 def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                       valid_blk: jax.Array, *, temperature: float = 1.0,
-                      vocab_tile: int = VOCAB_TILE) -> StudentStats:
+                      vocab_tile: int = VOCAB_TILE, with_top1: bool = True) -> StudentStats:
     """`StudentStats` [B, L] of logits = hidden @ head, scanning the head in vocabulary tiles.
 
     hidden_bld [B, L, D]; head_dv [D, V]; teacher_ids_blk, valid_blk [B, L, K].
@@ -280,6 +280,7 @@ def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk
     from the head with a dynamic slice (not passed as scan inputs, which would copy the head), so
     the head gradient is written into its output slice by slice. When the tile does not divide V,
     the last tile is moved back to end at V and masks the columns its predecessor covered.
+    with_top1=False leaves `top1` None: an argmax costs XLA:CPU about half a tile's matmul.
     """
     vocab = head_dv.shape[1]
     tile = max(1, min(int(vocab_tile), vocab))
@@ -301,36 +302,39 @@ def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk
         here_nk = (valid_blk & (ids_blk >= begin) & (ids_blk < start + tile)).reshape(rows, k)
         z_at_ids = jnp.where(here_nk, jnp.take_along_axis(
             z_nt, jnp.clip(local_nk, 0, tile - 1), axis=-1), 0.0)
-        top1 = start + jnp.argmax(z_nt, axis=-1).astype(jnp.int32)
+        top1 = start + jnp.argmax(z_nt, axis=-1).astype(jnp.int32) if with_top1 else None
         return _TileCarry(z_at_ids, _max_sumexp(z_nt),
                           _max_sumexp(_student_tail_logits(z_nt, local_nk, here_nk)), top1)
 
     def body(acc: _TileCarry, t):
         new = tile_stats(t)
-        better = new.norm[0] > acc.norm[0]  # strict: on ties the lower id wins, as in argmax
+        top1 = None
+        if with_top1:  # strict >: on ties the lower id wins, as in jnp.argmax
+            top1 = jnp.where(new.norm[0] > acc.norm[0], new.top1, acc.top1)
         return _TileCarry(acc.z_at_ids + new.z_at_ids, _merge_sumexp(acc.norm, new.norm),
-                          _merge_sumexp(acc.tail, new.tail),
-                          jnp.where(better, new.top1, acc.top1)), None
+                          _merge_sumexp(acc.tail, new.tail), top1), None
 
     empty = (jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
     init = _TileCarry(jnp.zeros((rows, k), jnp.float32), empty, empty,
-                      jnp.zeros((rows,), jnp.int32))
+                      jnp.zeros((rows,), jnp.int32) if with_top1 else None)
     acc, _ = jax.lax.scan(body, init, jnp.arange(-(-vocab // tile), dtype=jnp.int32))
     lead = h_bld.shape[:2]
     return StudentStats(acc.z_at_ids.reshape(*lead, k), _log_of_sumexp(*acc.norm).reshape(lead),
-                        _log_of_sumexp(*acc.tail).reshape(lead), acc.top1.reshape(lead))
+                        _log_of_sumexp(*acc.tail).reshape(lead),
+                        None if acc.top1 is None else acc.top1.reshape(lead))
 
 
 def position_sums(stat_fn: StatsFn, hidden_bld: jax.Array, head_dv: jax.Array,
                   teacher_ids_blk: jax.Array, teacher_logprobs_blk: jax.Array,
                   bin_bl: jax.Array, *, n_bins: int, temperature: float = 1.0,
-                  chunk_axis: str = "vocab", chunk_size: int = 256, vocab_tile: int = VOCAB_TILE
-                  ) -> dict[str, jax.Array]:
+                  chunk_axis: str = "vocab", chunk_size: int = 256, vocab_tile: int = VOCAB_TILE,
+                  with_top1: bool = True) -> dict[str, jax.Array]:
     """Per-bin sums of `stat_fn(StudentStats, teacher_ids, teacher_logprobs)` over positions.
 
     bin_bl int [B, L]: each position's bin 0..n_bins-1, -1 = not counted. Returns {name:
     [n_bins] float32} plus 'count'. chunk_axis "vocab" scans head tiles of `vocab_tile` columns,
-    "sequence" scans chunks of `chunk_size` positions (module docstring).
+    "sequence" scans chunks of `chunk_size` positions (module docstring). with_top1=False: the
+    stats' top1 may be None (the vocabulary scan then skips its argmax).
     """
     if chunk_axis == "sequence":
         return chunked_position_sums(
@@ -341,7 +345,7 @@ def position_sums(stat_fn: StatsFn, hidden_bld: jax.Array, head_dv: jax.Array,
     if chunk_axis == "vocab":
         stats = vocab_tiled_stats(hidden_bld, head_dv, teacher_ids_blk,
                                   teacher_logprobs_blk > NEG_INF, temperature=temperature,
-                                  vocab_tile=vocab_tile)
+                                  vocab_tile=vocab_tile, with_top1=with_top1)
         return _bin_sums(stat_fn(stats, teacher_ids_blk, teacher_logprobs_blk),
                          bin_bl.astype(jnp.int32), n_bins)
     raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose 'vocab' or 'sequence' "
@@ -370,7 +374,8 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
 
     sums = position_sums(stat_fn, hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk,
                          jnp.where(loss_mask_bl, 0, -1), n_bins=1, temperature=temperature,
-                         chunk_axis=chunk_axis, chunk_size=chunk_size, vocab_tile=vocab_tile)
+                         chunk_axis=chunk_axis, chunk_size=chunk_size, vocab_tile=vocab_tile,
+                         with_top1=False)
     return sums["loss"][0], sums["count"][0]
 
 

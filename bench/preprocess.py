@@ -1,0 +1,106 @@
+"""Preprocessing: `llada-jax preprocess` vs the original's approach, on generated seed-format
+files with full logits at two sizes (examples/s, input MB/s, peak RSS).
+
+Ours: the real preprocess (streaming reader, W spawned workers, top-k 64 targets, ArrayRecord
+shards). Original: bench/seed_data.original_preprocess (json.load of the whole file, a dense
+float32 [L, V_teacher] tensor per example, torch.save of the list). Each run is its own
+subprocess; peak RSS is ru_maxrss of the main process and of its largest worker (the workers
+run at the same time, so main + W x worker bounds the total).
+
+    python bench/preprocess.py [--sizes-mb 1024,2048] [--teacher-vocab 32000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import benchlib
+import seed_data
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes-mb", default="1024,2048", help="input file sizes, comma-separated")
+    p.add_argument("--teacher-vocab", type=int, default=32000,
+                   help="full_logits length (32000: about 250 KB of JSON per token)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--original-max-mb", type=float, default=2048,
+                   help="skip the original on larger files (its RSS grows with the file)")
+    p.add_argument("--workdir", help="keep the files here (default: a temporary directory)")
+    p.add_argument("--side", nargs=4, help=argparse.SUPPRESS)  # side src out tok_dir
+    return p.parse_args(argv)
+
+
+def run_side(args) -> dict:
+    side, src, out, tok_dir = args.side
+    teacher_dir, student_dir = (os.path.join(tok_dir, n) for n in ("teacher", "student"))
+    start = time.perf_counter()
+    if side == "ours":
+        from data_pipeline.convert import Options
+        from data_pipeline.preprocess import preprocess
+
+        report = preprocess([src], out, Options(student_dir, teacher_dir, args.max_length,
+                                                args.top_k, None, "skip", 0.05),
+                            workers=args.workers, overwrite=True)
+        result = {"examples": report["read"], "written": report["written"]}
+    else:
+        result = seed_data.original_preprocess(src, out, student_dir,
+                                               max_length=args.max_length,
+                                               vocab=args.teacher_vocab)
+    result["seconds"] = time.perf_counter() - start
+    result["worker_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    if args.side:
+        benchlib.emit(run_side(args))
+        return
+    sizes = [float(s) for s in args.sizes_mb.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
+        teacher_dir, _ = seed_data.make_tokenizers(work, args.teacher_vocab)
+        tok_dir = os.path.dirname(teacher_dir)
+        print(f"setup: seed-format JSON arrays with full logits over V_teacher="
+              f"{args.teacher_vocab} (toy byte-level BPE teacher vs '▁'-BPE student), top-k "
+              f"{args.top_k}; ours with {args.workers} workers; {benchlib.load()}")
+        rates = {}
+        for size in sizes:
+            src = os.path.join(work, f"seed_{size:g}mb.json")
+            gen = seed_data.write_seed_file(src, teacher_dir, target_bytes=int(size * 2**20))
+            mib = gen["bytes"] / 2**20
+            print(f"input {src}: {mib:.0f} MiB, {gen['examples']} examples, "
+                  f"{gen['teacher_tokens']} teacher tokens "
+                  f"({gen['bytes'] / gen['teacher_tokens'] / 1024:.0f} KiB of JSON each)")
+            for side in ("ours", "original"):
+                if side == "original" and size > args.original_max_mb:
+                    print(f"  [original] skipped (> --original-max-mb {args.original_max_mb:g})")
+                    continue
+                out = os.path.join(work, f"{side}_{size:g}")
+                r = benchlib.run_side(__file__, sys.argv[1:] + ["--side", side, src, out,
+                                                                 tok_dir])
+                rates[side, size] = gen["examples"] / r["seconds"]
+                workers = (f" + largest worker {r['worker_peak_rss_mib']:.0f} MiB"
+                           if side == "ours" and args.workers > 1 else "")
+                print(f"  [{side}] {r['seconds']:.1f} s: {rates[side, size]:.2f} examples/s, "
+                      f"{mib / r['seconds']:.1f} MiB/s; peak RSS {r['peak_rss_mib']:.0f} MiB"
+                      f"{workers}; {r['load']}")
+                shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.remove(out)
+            os.remove(src)
+            if ("original", size) in rates:
+                print(f"  speedup ours / original: "
+                      f"{rates['ours', size] / rates['original', size]:.1f}x (goal >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,13 +4,14 @@
         --student-tokenizer LLADA_TOK [--teacher-tokenizer LLAMA_TOK] --max-length 4096 \\
         --top-k 64 [--workers W] [--overlength skip|truncate] [--overwrite]
 
-The main process frames records (reader.py) and writes shards (records.py); W spawned worker
-processes parse, validate, tokenize and compute targets (convert.py), in input order. At most
-2*W records and `--in-flight-mb` of raw JSON are in flight, so memory stays bounded by a few
-records whatever the input size. The dataset lands in DATA_DIR/teacher_targets/1.0.0/ with
-report.json and skipped.jsonl. A finished dataset with the same options is reused; different
-options need --overwrite; a crashed run leaves only an `incomplete.*` directory that the next run
-removes.
+The main process frames records (reader.py: where each one lies in its file) and writes shards
+(records.py); W spawned worker processes (worker.py) read each record's bytes from the file and
+parse, validate, tokenize and compute targets (convert.py), in input order. At most 2*W records
+and `--in-flight-mb` of raw JSON are queued for the workers, and each worker holds one record,
+so memory stays bounded by a few records whatever the input size. The dataset lands in
+DATA_DIR/teacher_targets/1.0.0/ with report.json and skipped.jsonl. A finished dataset with the
+same options is reused; different options need --overwrite; a crashed run leaves only an
+`incomplete.*` directory that the next run removes.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from data_pipeline import records
+from data_pipeline import records, worker
 from data_pipeline.convert import Converter, Options, Result
-from data_pipeline.reader import RawRecord, expand_inputs, iter_raw_records
+from data_pipeline.reader import RecordSpan, expand_inputs, iter_record_spans
 from data_pipeline.report import Report
 
 
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlength", choices=("skip", "truncate"), default="skip")
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--in-flight-mb", type=int, default=256,
-                   help="raw JSON handed to workers at once (at least one record)")
+                   help="raw JSON queued for the workers at once (at least one record)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
 
 
@@ -87,8 +88,8 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     summary: dict = {}
 
     def examples() -> Iterator[tuple[str, dict]]:
-        raw = (r for f in files for r in iter_raw_records(f))
-        for result in _convert_all(raw, opts, converter, workers, in_flight_bytes):
+        spans = (s for f in files for s in iter_record_spans(f))
+        for result in _convert_all(spans, opts, converter, workers, in_flight_bytes):
             report.add(result)
             if result.example is not None:
                 yield result.split, result.example
@@ -137,37 +138,25 @@ def _reuse(final: str, metadata: dict) -> dict:
     return report
 
 
-_WORKER: Converter | None = None
-
-
-def _init_worker(opts: Options) -> None:
-    global _WORKER
-    _WORKER = Converter(opts)
-
-
-def _convert_in_worker(raw: RawRecord) -> Result:
-    return _WORKER.convert(raw)
-
-
-def _convert_all(raw: Iterator[RawRecord], opts: Options, converter: Converter, workers: int,
-                 in_flight_bytes: int) -> Iterator[Result]:
+def _convert_all(spans: Iterator[RecordSpan], opts: Options, converter: Converter,
+                 workers: int, in_flight_bytes: int) -> Iterator[Result]:
     """Converted records in input order; W worker processes with a bounded in-flight window."""
     if workers <= 1:
-        yield from map(converter.convert, raw)
+        yield from (converter.convert(span.read()) for span in spans)
         return
     # spawn: no fork of a process holding threads. A worker that dies (or fails to load the
     # tokenizers) raises BrokenProcessPool here instead of hanging the run.
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(opts,)) as pool:
+                             initializer=worker.init, initargs=(opts,)) as pool:
         pending: collections.deque = collections.deque()
         in_flight = 0
-        for record in raw:
-            size = len(record.text or b"")
+        for span in spans:
+            size = span.end - span.start
             while pending and (len(pending) >= 2 * workers or in_flight + size > in_flight_bytes):
                 job, job_size = pending.popleft()
                 in_flight -= job_size
                 yield job.result()
-            pending.append((pool.submit(_convert_in_worker, record), size))
+            pending.append((pool.submit(worker.convert, span), size))
             in_flight += size
         while pending:
             yield pending.popleft()[0].result()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from data_pipeline import fast_logits
 from data_pipeline.targets import Target
 
 REASONS = {
@@ -77,35 +78,102 @@ FullLogitsReducer = Callable[[np.ndarray], Target]
 
 
 def parse_record(text: bytes, reduce_full: FullLogitsReducer, vocab_size: int | None,
-                 full_length: int, length_hint: str = "") -> TeacherRecord:
+                 full_length: int, length_hint: str = "", fast: bool = True) -> TeacherRecord:
     """Raw JSON bytes -> checked record.
 
     vocab_size: the teacher vocabulary size when known (bounds token ids); full_length: the
-    length every `full_logits` must have (`length_hint` says why, in the error)."""
-    def hook(obj: dict):
-        if "full_logits" in obj:
-            obj["full_logits"] = _reduce(obj["full_logits"], reduce_full, full_length,
-                                         length_hint)
-        return obj
+    length every `full_logits` must have (`length_hint` says why, in the error). fast=False
+    parses every `full_logits` with json alone (the reference the fast path must equal)."""
+    def check_array(logits: np.ndarray) -> Target | _BadFullLogits:
+        return _check_logits(logits, reduce_full, full_length, length_hint)
 
-    try:
-        obj = json.loads(text, object_hook=hook)
-    except UnicodeDecodeError as e:
-        raise SkipRecord("non_utf8", f"byte {e.start}: {e.reason}") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise SkipRecord("invalid_json", str(e)) from None
+    def check(value) -> Target | _BadFullLogits:
+        logits = _as_logits(value)
+        return logits if isinstance(logits, _BadFullLogits) else check_array(logits)
+
+    obj = _loads_fast(text, check, check_array) if fast else _NOT_FAST
+    if obj is _NOT_FAST:
+        obj = _loads(text, check)
     return _check_record(obj, vocab_size, full_length)
 
 
-def _reduce(values, reduce_full: FullLogitsReducer, length: int, hint: str):
+class _Parsed:
+    """A `full_logits` array the fast path parsed and checked; json sees a bare NaN in its place."""
+    __slots__ = ("value", "used")
+
+    def __init__(self, value: Target | _BadFullLogits):
+        self.value, self.used = value, False
+
+
+def _loads(text: bytes, check: Callable, parse_constant: Callable | None = None) -> object:
+    """json.loads, every `full_logits` value replaced by check(value) (or its _Parsed value)."""
+    def hook(obj: dict):
+        if "full_logits" in obj:
+            value = obj["full_logits"]
+            if isinstance(value, _Parsed):
+                value.used = True
+                obj["full_logits"] = value.value
+            else:
+                obj["full_logits"] = check(value)
+        return obj
+
+    try:
+        return json.loads(text, object_hook=hook, parse_constant=parse_constant)
+    except UnicodeDecodeError as e:
+        raise SkipRecord("non_utf8", f"byte {e.start}: {e.reason}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: also Python's int digit limit
+        raise SkipRecord("invalid_json", str(e)) from None
+
+
+_NOT_FAST = object()
+
+
+def _loads_fast(text: bytes, check: Callable, check_array: Callable) -> object:
+    """What `_loads(text, check)` returns, with the number arrays of `full_logits` parsed by
+    fast_logits; json sees a bare NaN in place of each (and calls parse_constant for each bare
+    NaN, in order).
+
+    _NOT_FAST whenever the result could differ from `_loads`: json fails on the edited text (so
+    `_loads` reports the error), the record has NaN literals of its own, or an array was not the
+    value of a `full_logits` key after all (e.g. the key text was inside a string)."""
+    spans = fast_logits.find_arrays(text)
+    if not spans or json.detect_encoding(text) != "utf-8":
+        return _NOT_FAST
+    pieces, parsed, pos = [], [], 0
+    for start, end in spans:
+        logits = fast_logits.parse_numbers(text[start + 1:end - 1])
+        if logits is not None:  # else json parses this array
+            pieces.append(text[pos:start])
+            parsed.append(_Parsed(check_array(logits)))  # now: one float array at a time
+            pos = end
+    pieces.append(text[pos:])
+    if not parsed or any(b"NaN" in p for p in pieces):
+        return _NOT_FAST
+    queue = iter(parsed)
+    try:
+        obj = _loads(b"NaN".join(pieces), check,
+                     lambda name: next(queue) if name == "NaN" else float(name))
+    except SkipRecord:
+        return _NOT_FAST
+    return obj if all(p.used for p in parsed) else _NOT_FAST
+
+
+def _as_logits(values) -> np.ndarray | _BadFullLogits:
     if not isinstance(values, list):
         return _BadFullLogits("wrong_type", f"is {type(values).__name__}, not a list")
+    if not set(map(type, values)) <= {int, float}:  # numpy would take "1.5" and true as numbers
+        i, bad = next((i, v) for i, v in enumerate(values) if type(v) not in (int, float))
+        return _BadFullLogits("wrong_type",
+                              f"holds {type(bad).__name__} at index {i}, not a number")
     try:
-        logits = np.asarray(values, np.float64)
-    except (TypeError, ValueError):
-        return _BadFullLogits("wrong_type", "holds something that is not a number")
-    if logits.ndim != 1:
-        return _BadFullLogits("wrong_type", "is not a flat list of numbers")
+        return np.asarray(values, np.float64)
+    except OverflowError:
+        return _BadFullLogits("non_finite_logits", "holds an integer too large for float64")
+
+
+def _check_logits(logits: np.ndarray, reduce_full: FullLogitsReducer, length: int,
+                  hint: str) -> Target | _BadFullLogits:
+    """logits float64 [n] -> the reduced Target, or why the array is unusable."""
     if logits.size != length:
         return _BadFullLogits("full_logits_wrong_length",
                               f"has {logits.size} values, expected {length} {hint}")
@@ -132,9 +200,14 @@ def _get(obj: dict, key: str, kind, where: str):
 
 
 def _finite(value: float, where: str) -> float:
+    try:
+        value = float(value)
+    except OverflowError:
+        raise SkipRecord("non_finite_logits", f"{where} is an integer too large for float64"
+                         ) from None
     if not math.isfinite(value):
         raise SkipRecord("non_finite_logits", f"{where} is {value}")
-    return float(value)
+    return value
 
 
 def _check_id(token_id: int, vocab_size: int | None, where: str) -> int:

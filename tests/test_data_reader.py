@@ -3,8 +3,9 @@
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from data_pipeline.reader import expand_inputs, iter_raw_records
+from data_pipeline.reader import expand_inputs, iter_raw_records, iter_record_spans
 
 RECORDS = [
     {"prompt": "a [tricky] {prompt} \"quoted\" \\", "response": "x]}", "logits": [
@@ -68,3 +69,48 @@ def test_expand_inputs_globs_and_missing(tmp_path):
     assert expand_inputs([str(tmp_path / "*.json*"), a]) == [a, b]
     with pytest.raises(ValueError, match="nope"):
         expand_inputs([str(tmp_path / "nope*.json")])
+
+
+# `full_logits` arrays are skipped with memchr when flat; everything else by the regex.
+TRICKY = [
+    {"logits": [{"full_logits": [1.0, -2e3, 3]}, {"full_logits": [4, 5], "x": "]"}]},
+    {"prompt": 'x "full_logits": [1, ] y', "full_logits": [1, "]", 2]},
+    {"full_logits": [[1], [2, [3]]], "b": {"full_logits": []}},
+    {"full_logits": [1, {"a": "]"}], 'k"full_logits': [7], "full_logits ": [8]},
+    {"full_logits": "not a list [", "x": ["full_logits", [1]], "y": {"full_logits": {}}},
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 13, 64, 1 << 20])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_full_logits_anywhere_frames_like_json(tmp_path, chunk, indent):
+    text = json.dumps(TRICKY, indent=indent).replace('"full_logits": [4', '"full_logits" :\n[4')
+    got = _parse(_write(tmp_path, "a.json", text), chunk)
+    assert [json.loads(r.text) for r in got] == TRICKY
+
+
+def test_spans_locate_records_in_the_file(tmp_path):
+    text = " [" + json.dumps(RECORDS)[1:]
+    path = _write(tmp_path, "a.json", text)
+    spans = list(iter_record_spans(path, chunk_bytes=8))
+    assert [json.loads(text[s.start:s.end]) for s in spans] == RECORDS
+    lines = "\n" + "\n\n".join(json.dumps(r) for r in RECORDS)
+    spans = list(iter_record_spans(_write(tmp_path, "a.jsonl", lines)))
+    assert [json.loads(lines[s.start:s.end]) for s in spans] == RECORDS
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet='ab"\\[]{} ,:', max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["full_logits", "a", 'full_logits"', "[", "}"]), inner, max_size=3)
+    | st.fixed_dictionaries({"full_logits": st.lists(st.floats(-9, 9), max_size=5)}),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(JSON_VALUES, max_size=4), st.integers(1, 40), st.booleans())
+def test_generated_json_frames_like_json(tmp_path_factory, values, chunk, indent):
+    path = tmp_path_factory.mktemp("gen") / "a.json"
+    path.write_text(json.dumps(values, indent=2 if indent else None))
+    assert [json.loads(r.text) for r in _parse(str(path), chunk)] == values

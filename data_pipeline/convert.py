@@ -56,16 +56,16 @@ class Converter:
         self.opts = opts
         self.student = _vocab(opts.student_tokenizer)
         self.teacher = _vocab(opts.teacher_tokenizer) if opts.teacher_tokenizer else None
+        # Bounds for teacher ids, and the length full_logits must have.
+        self.id_bound = opts.teacher_vocab_size or (len(self.teacher) if self.teacher else None)
+        self.full_length = self.id_bound or len(self.student)
         if self.teacher is None:
             self.mode, self.id_map = "assumed_identity", None
         elif alignment.same_vocab(self.teacher, self.student):
             self.mode, self.id_map = "identity", None
         else:
             self.mode = "mapped"
-            self.id_map = alignment.vocab_map(self.teacher, self.student)
-        # Bounds for teacher ids, and the length full_logits must have.
-        self.id_bound = opts.teacher_vocab_size or (len(self.teacher) if self.teacher else None)
-        self.full_length = self.id_bound or len(self.student)
+            self.id_map = _fit(alignment.vocab_map(self.teacher, self.student), self.id_bound)
         self.length_hint = (
             "(the teacher vocabulary; pass --teacher-vocab-size if it is padded)" if self.id_bound
             else "(the student vocabulary: without --teacher-tokenizer the tokenizers are assumed "
@@ -74,7 +74,7 @@ class Converter:
     def vocab_matched_pct(self) -> float | None:
         """% of teacher vocabulary ids with a student token of the same bytes (None: unknown)."""
         if self.mode == "mapped":
-            return 100.0 * float((self.id_map >= 0).mean())
+            return 100.0 * float((self.id_map[:len(self.teacher)] >= 0).mean())
         return 100.0 if self.mode == "identity" else None
 
     def convert(self, raw: RawRecord) -> Result:
@@ -113,8 +113,9 @@ class Converter:
         """The bytes of each teacher token, and the token-string scheme of this record."""
         if self.teacher is not None:
             pieces = []
+            ids = self.teacher.id_bytes
             for i, e in enumerate(rec.entries):
-                piece = self.teacher.id_bytes[e.chosen_id]
+                piece = ids[e.chosen_id] if e.chosen_id < len(ids) else None  # padded vocabulary
                 if piece is None or piece not in _spellings(e.chosen_token, self.teacher.scheme):
                     raise SkipRecord("chosen_token_mismatch",
                                      f"logits[{i}]: chosen_token {e.chosen_token!r} is not token "
@@ -150,8 +151,8 @@ class Converter:
 
     def _top5_student_ids(self, entry: Entry, scheme: str, identity: bool) -> np.ndarray:
         """int64 [n]: student id of each top-5 candidate, -1 where its token has none."""
-        if identity:
-            return entry.top5_ids
+        if identity:  # ids of a padded teacher vocabulary have no student token
+            return np.where(entry.top5_ids < len(self.student), entry.top5_ids, -1)
         if self.id_map is not None:
             return self.id_map[entry.top5_ids].astype(np.int64)
         get = self.student.byte_to_id.get
@@ -201,6 +202,12 @@ class Converter:
                  "mass_kept": sum(t.mass_kept for _, t in kept), "truncated": int(truncated)}
         split = "validation" if fraction < self.opts.validation_fraction else "train"
         return Result(raw.file, raw.index, example, split, stats=stats)
+
+
+def _fit(id_map: np.ndarray, size: int) -> np.ndarray:
+    """id_map cut, or padded with -1 (unmapped), to `size` teacher ids: --teacher-vocab-size may
+    exceed the teacher tokenizer's vocabulary (a padded embedding)."""
+    return np.concatenate([id_map[:size], np.full(max(size - len(id_map), 0), -1, id_map.dtype)])
 
 
 def _vocab(path: str) -> alignment.Vocab:

@@ -41,11 +41,15 @@ def _top(values: np.ndarray, top_k: int) -> np.ndarray:
 
 def from_full_logits(logits: np.ndarray, id_map: np.ndarray | None, student_size: int,
                      top_k: int) -> Target:
-    """logits float [V_teacher]; id_map int32 [V_teacher] (-1 unmapped), None for identity."""
+    """logits float [V_teacher]; id_map int32 [V_teacher] (-1 unmapped), None for identity:
+    teacher id i is student id i, and ids >= student_size (a padded teacher vocabulary) are
+    unmapped."""
     logprobs = log_softmax(logits)
     if id_map is None:
-        top = _top(logprobs, top_k)
-        return Target(top.astype(np.int32), logprobs[top].astype(np.float32), True, 1.0)
+        kept = logprobs[:student_size]
+        top = _top(kept, top_k)
+        mass = 1.0 if kept.size == logprobs.size else float(np.exp(kept).sum())
+        return Target(top.astype(np.int32), kept[top].astype(np.float32), True, mass)
     mapped = id_map >= 0
     mass = np.bincount(id_map[mapped], weights=np.exp(logprobs[mapped]), minlength=student_size)
     top = _top(mass, top_k)

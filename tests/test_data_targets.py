@@ -93,7 +93,8 @@ def _reference_example(rec, t_tok, s_tok, top_k):
         p = np.exp(_dense_logprobs(rec["logits"][t_at[start]]["full_logits"]))
         q = np.zeros(v_s)
         for t_id, pt in enumerate(p):
-            s_id = s_vocab.get(t_bytes(t_tok.id_to_token(t_id)))
+            token = t_tok.id_to_token(t_id)  # None: padding beyond the teacher tokenizer
+            s_id = None if token is None else s_vocab.get(t_bytes(token))
             if s_id is not None:
                 q[s_id] += pt
         top = np.argsort(-q, kind="stable")[:top_k]
@@ -101,22 +102,37 @@ def _reference_example(rec, t_tok, s_tok, top_k):
     return out
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_stored_targets_match_dense_reference_across_tokenizers(tmp_path, workers):
+def _example_id(rec: dict) -> str:
+    digest = hashlib.sha256(rec["prompt"].encode() + b"\0" + rec["response"].encode()).digest()
+    return digest[:8].hex()
+
+
+def _pad(rec: dict, pad: int, value: float) -> dict:
+    """rec with `pad` more full_logits per entry: ids of a padded teacher vocabulary."""
+    for e in rec["logits"]:
+        e["full_logits"] = e["full_logits"] + [value] * pad
+    return rec
+
+
+@pytest.mark.parametrize("workers,pad", [(1, 0), (2, 0), (1, 7)])
+def test_stored_targets_match_dense_reference_across_tokenizers(tmp_path, workers, pad):
+    """pad > 0: --teacher-vocab-size beyond the teacher tokenizer; the padding ids (with much of
+    the mass here) have no student token, so their mass goes to the tail."""
     tdir, sdir = make_tokenizers(str(tmp_path))
     t_tok, s_tok = (Tokenizer.from_file(f"{d}/tokenizer.json") for d in (tdir, sdir))
     rng = np.random.default_rng(1)
     texts = ["Paris is the capital of France.", "The lazy dog sleeps; the fox jumps!",
              "def add(a, b): return a + b", "Speculative decoding drafts tokens."]
-    recs = [teacher_record(t_tok, f"Question {i}: ", t, rng) for i, t in enumerate(texts)]
+    recs = [_pad(teacher_record(t_tok, f"Question {i}: ", t, rng), pad, 9.0)
+            for i, t in enumerate(texts)]
     path = write_json(str(tmp_path / "in.json"), recs)
     top_k = 6
-    report = preprocess([path], str(tmp_path / "out"), Options(sdir, tdir, 64, top_k,
-                                                               validation_fraction=0.0),
-                        workers=workers)
+    vocab = t_tok.get_vocab_size(with_added_tokens=True) + pad
+    report = preprocess([path], str(tmp_path / "out"),
+                        Options(sdir, tdir, 64, top_k, vocab if pad else None,
+                                validation_fraction=0.0), workers=workers)
     assert (report["read"], report["written"]) == (4, 4)
-    by_id = {hashlib.sha256(r["prompt"].encode() + b"\0" + r["response"].encode())
-             .digest()[:8].hex(): r for r in recs}
+    by_id = {_example_id(r): r for r in recs}
     src = records.open_split(str(tmp_path / "out"), "train")
     for i in range(len(src)):
         ex = src[i]
@@ -137,6 +153,7 @@ def test_stored_targets_match_dense_reference_across_tokenizers(tmp_path, worker
             + s_tok.encode(rec["response"], add_special_tokens=False).ids)
     cov = report["coverage"]
     assert 0 < cov["positions_kept_pct"] < 100 and 0 < cov["teacher_mass_kept_pct"] <= 100
+    assert (cov["teacher_mass_kept_pct"] < 50) == (pad > 0)  # 7 padding ids at +9: most mass
     assert report["alignment_mode"] == "mapped"
 
 
@@ -159,3 +176,37 @@ def test_identical_tokenizers_give_exact_identity(tmp_path):
             np.testing.assert_array_equal(ex["teacher_ids"][row], order)
             np.testing.assert_allclose(ex["teacher_logprobs"][row], ref[order], rtol=1e-6)
         assert json.load(open(f"{out}/teacher_targets/1.0.0/report.json"))["read"] == 1
+
+
+def test_identity_with_padded_teacher_vocab(tmp_path):
+    """Identical tokenizers, full_logits longer than the vocabulary: the padding ids are no
+    student ids (their mass is tail), nor are top-5 candidates among them."""
+    tdir, _ = make_tokenizers(str(tmp_path))
+    t_tok = Tokenizer.from_file(f"{tdir}/tokenizer.json")
+    vocab, pad = t_tok.get_vocab_size(with_added_tokens=True), 5
+    rng = np.random.default_rng(3)
+    full = _pad(teacher_record(t_tok, "Q: ", "Paris is cold.", rng), pad, 30.0)
+    top5 = teacher_record(t_tok, "R: ", "Paris is cold.", rng, full=False)
+    for e in top5["logits"]:
+        e["top_5"][0].update(token="<|reserved|>", token_id=vocab + 2, logit=50.0)
+    path = write_json(str(tmp_path / "in.json"), [full, top5])
+    out = str(tmp_path / "out")
+    report = preprocess([path], out, Options(tdir, tdir, 64, 4, vocab + pad,
+                                             validation_fraction=0.0))
+    assert report["written"] == 2 and report["alignment_mode"] == "identity"
+    src = records.open_split(out, "train")
+    examples = {src[i]["example_id"].decode(): src[i] for i in range(2)}
+    ex_full, ex_top5 = examples[_example_id(full)], examples[_example_id(top5)]
+    for row, e in enumerate(full["logits"]):
+        ref = _dense_logprobs(e["full_logits"])[:vocab]  # normalised over the padding too
+        order = np.argsort(-ref, kind="stable")[:4]
+        np.testing.assert_array_equal(ex_full["teacher_ids"][row], order)
+        np.testing.assert_allclose(ex_full["teacher_logprobs"][row], ref[order], rtol=1e-6)
+    for row, e in enumerate(top5["logits"]):
+        logits = np.array([c["logit"] for c in e["top_5"][1:]])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()  # renormalised over the four candidates that are student tokens
+        order = np.argsort(-p, kind="stable")
+        ids = np.array([c["token_id"] for c in e["top_5"][1:]])[order]
+        np.testing.assert_array_equal(ex_top5["teacher_ids"][row], ids)
+        np.testing.assert_allclose(np.exp(ex_top5["teacher_logprobs"][row]), p[order], rtol=1e-5)

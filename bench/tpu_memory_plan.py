@@ -5,10 +5,10 @@ AdamW, FSDP over all chips, abstract inputs) for each TPU slice on this CPU mach
 libtpu wheel) and prints a markdown table of the compiler's per-device figures:
 
     python bench/tpu_memory_plan.py                       # all variants, ~4 compiles each
-    python bench/tpu_memory_plan.py --variants v5e_64 --remat full dots --chunks 256 512
+    python bench/tpu_memory_plan.py --variants v5e_64 --remat full dots --tiles 2048 4096
     python bench/tpu_memory_plan.py --variants v5p_32 --batches 8 16     # no search
 
-Search per variant and (remat, chunk): start at the per-chip batch recorded in
+Search per variant and (remat, loss vocabulary tile): start at the per-chip batch recorded in
 configs/llada_8b.py, double while it fits, halve while it does not; the last fitting batch is
 the answer. FLOPs per device per step are the cost analysis's, extrapolated over layers
 (tpu_compile.flops_per_step; the splash kernel's own FLOPs are not in it). One 8B compile takes
@@ -39,40 +39,40 @@ def load_variants_module():
     return module
 
 
-def step_config(module, variant: str, per_chip_batch: int, remat: str, chunk: int):
+def step_config(module, variant: str, per_chip_batch: int, remat: str, tile: int):
     config = module.get_config(variant)
     chips = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
     config.data.global_batch_size = per_chip_batch * chips
     config.model.update(remat_policy=remat, init="random")
-    config.loss.chunk_size = chunk
+    config.loss.vocab_tile = tile
     return config
 
 
-def try_batch(module, variant: str, batch: int, remat: str, chunk: int, rows: list) -> bool:
+def try_batch(module, variant: str, batch: int, remat: str, tile: int, rows: list) -> bool:
     """Compiles one setting, appends its row (a report, or the compiler's out-of-HBM message)."""
     started = time.perf_counter()
     try:
         result = tpu_compile.compile_train_step(
-            step_config(module, variant, batch, remat, chunk), SLICES[variant],
+            step_config(module, variant, batch, remat, tile), SLICES[variant],
             vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID, top_k=TOP_K)
     except tpu_compile.OutOfHbm as err:
         result = err
     fits = not isinstance(result, Exception) and result.fits
-    rows.append((variant, batch, remat, chunk, result))
-    print(f"# {variant} batch {batch} {remat} chunk {chunk}: fits={fits} "
+    rows.append((variant, batch, remat, tile, result))
+    print(f"# {variant} batch {batch} {remat} tile {tile}: fits={fits} "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return fits
 
 
-def largest_fitting_batch(module, variant: str, remat: str, chunk: int, rows: list,
+def largest_fitting_batch(module, variant: str, remat: str, tile: int, rows: list,
                           batches: list[int] | None) -> int | None:
     """Doubling/halving search from the recorded batch (or exactly `batches`)."""
     tried: dict[int, bool] = {}
     if batches:
-        tried = {b: try_batch(module, variant, b, remat, chunk, rows) for b in batches}
+        tried = {b: try_batch(module, variant, b, remat, tile, rows) for b in batches}
     batch = module.VARIANTS[variant][1]
     while not batches and batch >= 1 and batch not in tried:
-        tried[batch] = try_batch(module, variant, batch, remat, chunk, rows)
+        tried[batch] = try_batch(module, variant, batch, remat, tile, rows)
         batch = batch * 2 if tried[batch] else batch // 2
     fitting = [b for b, fits in tried.items() if fits]
     return max(fitting) if fitting else None
@@ -91,27 +91,27 @@ def gib(n: int) -> str:
 
 
 def print_tables(rows: list, best: dict) -> None:
-    print("| slice | per-chip batch | remat | loss chunk | arguments GiB | outputs GiB (fresh) "
+    print("| slice | per-chip batch | remat | loss vocab tile | arguments GiB | outputs GiB (fresh) "
           "| temporaries GiB | total GiB | HBM GiB | fits |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for variant, batch, remat, chunk, r in rows:
+    for variant, batch, remat, tile, r in rows:
         if isinstance(r, Exception):
-            print(f"| {SLICES[variant]} | {batch} | {remat} | {chunk} | compiler: out of HBM, "
+            print(f"| {SLICES[variant]} | {batch} | {remat} | {tile} | compiler: out of HBM, "
                   f"{r} | | | | | no |")
             continue
-        print(f"| {SLICES[variant]} | {batch} | {remat} | {chunk} | {gib(r.argument_bytes)} | "
+        print(f"| {SLICES[variant]} | {batch} | {remat} | {tile} | {gib(r.argument_bytes)} | "
               f"{gib(r.output_bytes - r.alias_bytes)} | {gib(r.temp_bytes)} | "
               f"{gib(r.total_bytes)} | {gib(r.hbm_bytes)} | {'yes' if r.fits else 'no'} |")
     print()
-    print("| slice | config | mesh | per-chip batch | global batch | remat | loss chunk "
+    print("| slice | config | mesh | per-chip batch | global batch | remat | loss vocab tile "
           "| TFLOP per chip per step (cost analysis) | 6·N·tokens per chip, TFLOP "
           "| tokens per step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for variant, (batch, remat, chunk, flops, mesh, n_params) in best.items():
+    for variant, (batch, remat, tile, flops, mesh, n_params) in best.items():
         chips = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
         mesh_text = " ".join(f"{k}={v}" for k, v in mesh.items() if v > 1)
         print(f"| {SLICES[variant]} | llada_8b.py:{variant} | {mesh_text} | {batch} | "
-              f"{batch * chips} | {remat} | {chunk} | {flops / 1e12:.1f} | "
+              f"{batch * chips} | {remat} | {tile} | {flops / 1e12:.1f} | "
               f"{6 * n_params * batch * 4096 / 1e12:.1f} | {batch * chips * 4096} |")
 
 
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(SLICES), choices=list(SLICES))
     parser.add_argument("--remat", nargs="+", default=["full"], help="policies to search")
-    parser.add_argument("--chunks", nargs="+", type=int, default=[512], help="loss chunk sizes")
+    parser.add_argument("--tiles", nargs="+", type=int, default=[4096],
+                        help="loss vocabulary tiles (loss.vocab_tile)")
     parser.add_argument("--batches", nargs="+", type=int,
                         help="compile exactly these per-chip batches (no search)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs compiles")
@@ -129,19 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         found = []
         for remat in args.remat:
-            for chunk in args.chunks:
-                batch = largest_fitting_batch(module, variant, remat, chunk, rows, args.batches)
+            for tile in args.tiles:
+                batch = largest_fitting_batch(module, variant, remat, tile, rows, args.batches)
                 if batch is not None:
-                    found.append((batch, remat, chunk))
+                    found.append((batch, remat, tile))
         if not found:
             continue
         # Largest batch; among equals, the order given on the command line (cheapest first).
-        batch, remat, chunk = max(found, key=lambda f: f[0])
-        config = step_config(module, variant, batch, remat, chunk)
+        batch, remat, tile = max(found, key=lambda f: f[0])
+        config = step_config(module, variant, batch, remat, tile)
         flops = 0.0 if args.no_flops else tpu_compile.flops_per_step(
             config, SLICES[variant], vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID,
             top_k=TOP_K)
-        best[variant] = (batch, remat, chunk, flops, dict(config.mesh), matmul_params(config))
+        best[variant] = (batch, remat, tile, flops, dict(config.mesh), matmul_params(config))
     print_tables(rows, best)
     return 0
 

@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--steps", type=int, default=2, help="timed steps per side (after 1 warm-up)")
     p.add_argument("--sides", default="ours,original")
+    p.add_argument("--chunk-axis", default="sequence",
+                   help="our loss.chunk_axis: sequence (fewest FLOPs) | vocab (least memory)")
+    p.add_argument("--chunk-size", type=int, default=256, help="our loss.chunk_size (sequence)")
+    p.add_argument("--vocab-tile", type=int, default=4096, help="our loss.vocab_tile (vocab)")
     p.add_argument("--remat", default="none", help="our model.remat_policy: none | full | dots")
     p.add_argument("--no-scan", action="store_true", help="our layers as a Python loop")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +98,9 @@ def run_ours(args) -> dict:
 
     overrides = {"optim.lr": ORIGINAL_LR, "optim.weight_decay": ORIGINAL_WD,
                  "optim.warmup_steps": ORIGINAL_WARMUP, "loss.mask_mode": "original",
-                 "loss.mask_eps": MASK_EPS, "model.dtype": "float32"}
+                 "loss.mask_eps": MASK_EPS, "model.dtype": "float32",
+                 "loss.chunk_axis": args.chunk_axis, "loss.chunk_size": args.chunk_size,
+                 "loss.vocab_tile": args.vocab_tile}
     config = configlib.load_config(str(REPO / "configs" / "tiny.py"),
                                    [f"--config.{k}={v}" for k, v in overrides.items()])
     model_cfg = ModelConfig(

@@ -14,22 +14,28 @@ factor is applied (the original did not use one).
 
 The [B, L, V] logits are never materialised. The student's side of every loss and metric only
 needs, per position, its tempered logits at the teacher's ids, the log-normaliser, the log-mass off
-the teacher's ids and the argmax (`StudentStats`), and those can be gathered two ways through the
-LM head, both with the per-piece work under `jax.checkpoint` so the backward pass recomputes one
-piece of logits at a time:
-- chunk_axis="vocab" (default): a `lax.scan` over vocabulary tiles of the head, all positions at
-  once, with running logsumexps, gathers and argmax. The head gradient is written tile by tile
-  into its output and d hidden is one [B, L, D] carry, so temporary memory is a few
-  [B, L, tile] buffers: at the 8B head (B = 1, L = 4096, V = 126464) 1/17 of a dense loss at
-  tile 4096, 1/30 at tile 2048 (bench/loss_memory.py).
-- chunk_axis="sequence": a `lax.scan` over sequence chunks, each holding [B, chunk, V] logits. Its
-  head gradient is a full [D, V] sum per chunk, which costs a head-sized temporary; it is the
-  path for statistics that need the whole logits row (`chunked_position_sums`).
+the teacher's ids and the argmax (`StudentStats`), and the loss gets them through the LM head in
+one of two cuts:
+- chunk_axis="sequence" (the default config): a `lax.scan` over sequence chunks (all rows at
+  once), each making its [B, chunk, V] logits once. The gradient is written in closed form in
+  the same pass (a custom VJP), so the head costs 3 matmuls (logits, d hidden, d head) where
+  autodiff under remat needs 4, and each logits buffer is read ~7 times in all; the head
+  gradient is added tile by tile, so no head-sized temporary exists. At the 8B head (B = 1,
+  L = 4096, V = 126464, chunk 256) its temporary memory is 1/21 of a dense loss
+  (bench/loss_memory.py). With the batch sharded over devices, each chunk's head gradient is
+  reduced across them, once per chunk.
+- chunk_axis="vocab": a `lax.scan` over vocabulary tiles of the head, all positions at once,
+  with running logsumexps, gathers and argmax, under `jax.checkpoint` (4 head matmuls). Temporary
+  memory is a few [B, L, tile] buffers (1/17 of dense at tile 4096) and the head gradient is
+  reduced across devices once, tile by tile: the cut for a large per-chip batch on a TPU slice
+  (configs/llada_8b.py).
+The metrics (no gradient) use sequence chunks of materialised logits (`chunked_position_sums`).
 Results are (sum, count) pairs so they add up across microbatches and hosts.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -352,6 +358,150 @@ def position_sums(stat_fn: StatsFn, hidden_bld: jax.Array, head_dv: jax.Array,
                      "(config field loss.chunk_axis)")
 
 
+def _scatter_rows(base_nv: jax.Array, ids_nk: jax.Array, values_nk: jax.Array, add: bool
+                  ) -> jax.Array:
+    """base with values set (or added) at each row's ids; ids == V are dropped. A per-row
+    scatter (vmap), so rows sharded over devices need no collectives."""
+    def one(b_v, i_k, x_k):
+        return b_v.at[i_k].add(x_k, mode="drop") if add else b_v.at[i_k].set(x_k, mode="drop")
+    return jax.vmap(one)(base_nv, ids_nk, values_nk)
+
+
+def _chunk_loss_and_grads(h_bcd: jax.Array, head_dv: jax.Array, ids_bck: jax.Array,
+                          lps_bck: jax.Array, mask_bc: jax.Array, *, kind: str,
+                          temperature: float, beta: float, with_grads: bool):
+    """Loss sum of one sequence chunk and, with_grads, (d hidden [B, C, D], d head [D, V]).
+
+    The chunk's logits [B*C, V] are made once and serve both the statistics and the gradient.
+    The teacher's ids are overwritten with -inf in place, which leaves the tail logits: their
+    max and sum of exp give log_tail exactly (no 1 - sum_S q cancellation, no underflow), and
+    log_norm = logaddexp(log_tail, logsumexp of the K gathered logits). The gradient is written
+    in closed form from the loss's gradients g w.r.t. those statistics:
+      d loss / d z = exp(z - log_norm) g_norm + [v not in S] exp(z - log_tail) g_tail + g_ids,
+    made from the same buffer, so the [B*C, V] array is passed over ~7 times in all (matmul,
+    max, sum, gradient, two matmuls), which matters where memory bandwidth is the limit.
+    """
+    b, c, _ = h_bcd.shape
+    vocab, k = head_dv.shape[1], ids_bck.shape[-1]
+    rows = b * c
+    h_nd = h_bcd.reshape(rows, -1)
+    logits_nv = jnp.einsum("nd,dv->nv", h_nd, head_dv, preferred_element_type=jnp.float32)
+    valid_nk = (lps_bck > NEG_INF).reshape(rows, k)
+    drop_nk = jnp.where(valid_nk, ids_bck.reshape(rows, k), vocab)  # V: an unused slot
+    z_at_ids = jnp.take_along_axis(logits_nv, jnp.minimum(drop_nk, vocab - 1), axis=-1)
+    z_at_ids = z_at_ids / temperature
+    # z off the teacher's ids (the tail), -inf on them; /T is applied as it is read.
+    tail_nv = _scatter_rows(logits_nv, drop_nk, jnp.full(drop_nk.shape, NEG_INF), add=False)
+    m_tail = jnp.max(tail_nv, axis=-1) / temperature
+    shift = jnp.where(m_tail == NEG_INF, 0.0, m_tail)  # an empty tail: exp(-inf) = 0 everywhere
+    s_tail = jnp.sum(jnp.exp(tail_nv / temperature - shift[:, None]), axis=-1)
+    log_tail = _log_of_sumexp(m_tail, s_tail)
+    log_norm = _safe_logaddexp(log_tail, _safe_logsumexp(
+        jnp.where(valid_nk, z_at_ids, NEG_INF)))
+    lps_nk = lps_bck.reshape(rows, k)
+    mask_n = mask_bc.reshape(rows)
+
+    def chunk_loss(z_at_ids, log_norm, log_tail):
+        logp, logq = bucket_logprobs_from_stats(
+            StudentStats(z_at_ids, log_norm, log_tail, None), lps_nk, temperature)
+        return jnp.sum(jnp.where(mask_n, divergence(logp, logq, kind, beta), 0.0))
+
+    if not with_grads:
+        return chunk_loss(z_at_ids, log_norm, log_tail)
+    total, vjp = jax.vjp(chunk_loss, z_at_ids, log_norm, log_tail)
+    g_ids, g_norm, g_tail = vjp(jnp.ones((), jnp.float32))
+    # Tail columns: exp(z - m_tail) * (g_norm exp(m_tail - log_norm) + g_tail / s_tail) / T.
+    has_tail = s_tail > 0
+    coef = jnp.where(has_tail, g_norm * jnp.exp(jnp.where(has_tail, m_tail - log_norm, 0.0))
+                     + g_tail / jnp.where(has_tail, s_tail, 1.0), 0.0) / temperature
+    dz_nv = jnp.exp(tail_nv / temperature - shift[:, None]) * coef[:, None]
+    at_ids = (g_norm[:, None] * jnp.exp(z_at_ids - log_norm[:, None]) + g_ids) / temperature
+    dz_nv = _scatter_rows(dz_nv, drop_nk, jnp.where(valid_nk, at_ids, 0.0), add=False)
+    dh_nd = jnp.einsum("nv,dv->nd", dz_nv, head_dv, preferred_element_type=jnp.float32)
+    return total, dh_nd.reshape(b, c, -1), (h_nd, dz_nv)
+
+
+def _add_head_grad(dhead_dv: jax.Array, h_nd: jax.Array, dz_nv: jax.Array, tile: int
+                   ) -> jax.Array:
+    """dhead + h^T dz, added in vocabulary tiles in place: a whole [D, V] product would be a
+    head-sized temporary (1.9 GiB at the 8B head). An uneven last tile is moved back to end at
+    V, with the columns its predecessor covered zeroed."""
+    vocab = dz_nv.shape[1]
+    tile = max(1, min(int(tile), vocab))
+
+    def body(t, acc):
+        begin = t * tile
+        start = jnp.minimum(begin, vocab - tile)
+        dz_nt = jax.lax.dynamic_slice_in_dim(dz_nv, start, tile, axis=1)
+        dz_nt = jnp.where(start + jnp.arange(tile) >= begin, dz_nt, 0.0)
+        update = jnp.einsum("nd,nt->dt", h_nd, dz_nt, preferred_element_type=jnp.float32)
+        current = jax.lax.dynamic_slice_in_dim(acc, start, tile, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc, current + update, start, axis=1)
+
+    return jax.lax.fori_loop(0, -(-vocab // tile), body, dhead_dv)
+
+
+def _sequence_chunks(args: tuple, chunk_size: int) -> tuple[tuple, int]:
+    """(hidden, ids, lps, mask) [B, L, ...] -> the same as [n, B, chunk, ...] (padding: no
+    targets, not in the loss), and the padding added."""
+    hidden, ids, lps, mask = args
+    seq_len = hidden.shape[1]
+    chunk = max(1, min(int(chunk_size), seq_len))
+    n_chunks = -(-seq_len // chunk)
+    pad = n_chunks * chunk - seq_len
+    return tuple(_to_chunks(_pad_seq(x, pad, fill), n_chunks) for x, fill in
+                 ((hidden, 0), (ids, 0), (lps, NEG_INF), (mask, False))), pad
+
+
+def _fused_sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
+    """(loss sum, (d hidden, d head)): one pass over sequence chunks, gradients included."""
+    kind, temperature, beta, chunk_size, vocab_tile = opts
+    h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
+    xs, pad = _sequence_chunks((h, ids_blk.astype(jnp.int32), lps_blk, mask_bl), chunk_size)
+
+    def body(carry, chunk):
+        total, dhead = carry
+        t, dh, (h_nd, dz_nv) = _chunk_loss_and_grads(
+            chunk[0], head_dv, *chunk[1:], kind=kind, temperature=temperature, beta=beta,
+            with_grads=True)
+        return (total + t, _add_head_grad(dhead, h_nd, dz_nv, vocab_tile)), dh
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_dv.shape, jnp.float32))
+    (total, dhead), dh = jax.lax.scan(body, init, xs)
+    b, seq_len = hidden_bld.shape[:2]
+    dh = jnp.moveaxis(dh, 0, 1).reshape(b, seq_len + pad, -1)[:, :seq_len]
+    return total, (dh.astype(hidden_bld.dtype), dhead.astype(head_dv.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
+    """Sum over masked positions of the divergence, through the head in sequence chunks.
+
+    The gradients are made in the forward pass from the chunk logits already at hand (custom
+    VJP), so each chunk's logits are computed once: 3 head matmuls in all (logits, d hidden,
+    d head) against 4 when autodiff recomputes them under remat. opts: (kind, temperature,
+    beta, chunk_size, vocab_tile)."""
+    kind, temperature, beta, chunk_size, _ = opts
+    h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
+    xs, _ = _sequence_chunks((h, ids_blk.astype(jnp.int32), lps_blk, mask_bl), chunk_size)
+
+    def body(total, chunk):
+        return total + _chunk_loss_and_grads(chunk[0], head_dv, *chunk[1:], kind=kind,
+                                             temperature=temperature, beta=beta,
+                                             with_grads=False), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def _fused_sequence_loss_bwd(opts, grads, g):
+    dh, dhead = grads
+    return (g.astype(dh.dtype) * dh, g.astype(dhead.dtype) * dhead, None, None, None)
+
+
+_fused_sequence_loss.defvjp(_fused_sequence_loss_fwd, _fused_sequence_loss_bwd)
+
+
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                  teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
                  temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5,
@@ -367,6 +517,12 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
                          "(config field loss.kind)")
+
+    if chunk_axis == "sequence":
+        total = _fused_sequence_loss(hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk,
+                                     loss_mask_bl, (kind, float(temperature), float(beta),
+                                                    int(chunk_size), int(vocab_tile)))
+        return total, jnp.sum(loss_mask_bl).astype(jnp.float32)
 
     def stat_fn(stats, ids, lps):
         logp, logq = bucket_logprobs_from_stats(stats, lps, temperature)

@@ -42,7 +42,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
     c.loss.temperature = 1.0
-    c.loss.chunk_size = 512            # LM-head chunk (see llada_jax/loss.py)
+    c.loss.beta = 0.5                  # jsd only: beta KL(p || m) + (1 - beta) KL(q || m)
+    # How the LM head is cut (llada_jax/loss.py): "sequence" chunks of chunk_size positions
+    # (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V] logits),
+    # or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one head-gradient
+    # reduction across devices). vocab_tile also cuts the sequence path's head-gradient adds.
+    c.loss.chunk_axis = "sequence"
+    c.loss.chunk_size = 256
+    c.loss.vocab_tile = 4096
     c.loss.mask_mode = "original"      # original | masked_only | full | prefix_block
     c.loss.mask_eps = 1e-3
 

@@ -59,8 +59,9 @@ def distill_sums(graphdef, params, batch: Batch, noisy_tokens_bl, loss_mask_bl,
                        segment_ids_bl=batch["segment_ids"], return_hidden=True)
     return loss_lib.distill_loss(
         hidden_bld, model.lm_head_weight(), batch["teacher_ids"], batch["teacher_logprobs"],
-        loss_mask_bl, kind=loss_cfg.kind, temperature=loss_cfg.temperature,
-        chunk_size=loss_cfg.chunk_size)
+        loss_mask_bl, kind=loss_cfg.kind, temperature=loss_cfg.temperature, beta=loss_cfg.beta,
+        chunk_axis=loss_cfg.chunk_axis, chunk_size=loss_cfg.chunk_size,
+        vocab_tile=loss_cfg.vocab_tile)
 
 
 def _split_micro(x, n: int):

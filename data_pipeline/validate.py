@@ -1,8 +1,10 @@
 """Parse and check one seed-format record; every problem is a `SkipRecord(reason, detail)`.
 
-`full_logits` arrays are reduced to a `Target` while the JSON is being parsed (through the
-decoder's object hook), so a record with hundreds of 128k-float arrays never holds them all as
-Python floats: the memory of one record is its JSON text plus one array.
+`full_logits` arrays are reduced to a `Target` one at a time, so a record with hundreds of
+128k-float arrays never holds them all: the memory of one record is its JSON text plus one array.
+Their numbers are parsed by fast_logits (vectorised, several times faster than json) and the rest
+of the record by json; the result is exactly what json alone gives (`parse_record(fast=False)`,
+the reference), because anything the fast path is not sure of is left to json.
 
 Skip reasons (the report counts them by these names):
 """

@@ -24,7 +24,16 @@ def load() -> str:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process so far: VmHWM, which belongs to this process's own
+    memory (ru_maxrss would carry over the peak of the parent that spawned it); ru_maxrss (KiB)
+    where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

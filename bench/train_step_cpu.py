@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per side (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side (after 1 warm-up)")
     p.add_argument("--sides", default="ours,original")
     p.add_argument("--chunk-axis", default="sequence",
                    help="our loss.chunk_axis: sequence (fewest FLOPs) | vocab (least memory)")

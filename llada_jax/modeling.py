@@ -112,15 +112,19 @@ def xla_attention(q_blnh, k_blkh, v_blkh, mask_bqk):
     """Reference attention: fp32 scores and softmax, GQA by grouping query heads per KV head."""
     batch, length, n_heads, head_dim = q_blnh.shape
     n_kv = k_blkh.shape[2]
-    q = q_blnh.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)  # head h = k * G + g
-    scores = jnp.einsum("bqkgh,bskh->bkgqs", q, k_blkh, preferred_element_type=jnp.float32)
+    # Heads first, so both products are plain batched matmuls (on XLA:CPU the forward is ~1.6x
+    # faster than contracting in the [B, L, heads, hd] layout). Head h = k * G + g.
+    q = q_blnh.reshape(batch, length, n_kv, n_heads // n_kv, head_dim).transpose(0, 2, 3, 1, 4)
+    k = k_blkh.transpose(0, 2, 1, 3)
+    v = v_blkh.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkgqh,bksh->bkgqs", q, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     if mask_bqk is not None:
         # A large finite negative (not -inf): a fully masked row averages instead of giving NaN.
         scores = jnp.where(mask_bqk[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_blkh.dtype)
-    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_blkh)
-    return out.reshape(batch, length, n_heads, head_dim)
+    out = jnp.einsum("bkgqs,bksh->bkgqh", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, n_heads, head_dim)
 
 
 def dot_product_attention(q_blnh, k_blkh, v_blkh, mask_bqk):

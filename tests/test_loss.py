@@ -172,15 +172,17 @@ def loss_inputs(rng, b=2, seq=10, d=8, v=48, k=5, dtype=jnp.float32):
             jnp.asarray(mask))
 
 
-# How the LM head is cut: sequence chunks of 4 over L = 10 (4 + 4 + 2 padded); vocabulary tiles of
-# 7 over V = 48 (the last tile moved back to overlap its predecessor) and of 16 (exact).
+# How the LM head is cut: sequence chunks of 4 over L = 10 (4 + 4 + 2 padded), the head gradient
+# added in one tile of V = 48 or in tiles of 7 (6 x 7 + a remainder of 6); vocabulary tiles of 7
+# over V = 48 (the last tile moved back to overlap its predecessor) and of 16 (exact).
 CUTS = {"sequence": dict(chunk_axis="sequence", chunk_size=4),
+        "sequence_tiles7": dict(chunk_axis="sequence", chunk_size=4, vocab_tile=7),
         "vocab7": dict(chunk_axis="vocab", vocab_tile=7),
         "vocab16": dict(chunk_axis="vocab", vocab_tile=16)}
 
 
 @pytest.mark.parametrize("kind, cut", [(kind, cut) for kind in KINDS for cut in CUTS
-                                       if cut != "vocab16" or kind == "kl"])
+                                       if cut in ("sequence", "vocab7") or kind == "kl"])
 def test_chunked_matches_dense_values_and_grads(kind, cut):
     hidden, head, ids, lp, mask = loss_inputs(np.random.default_rng(7))
 

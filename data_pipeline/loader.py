@@ -77,7 +77,9 @@ def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).map(lambda ex: to_positions(ex, top_k, seq_len))
-    it = ds.to_iter_dataset()
+    # A short read-ahead: grain's default (16 threads, 500 elements) polls every pending read
+    # on each step, which cost a third of the loader's time (1.5x throughput with this).
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=64))
     if pack:
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct={k: seq_len for k in _PAD}, num_packing_bins=num_packing_bins or rows,

@@ -101,10 +101,6 @@ class StudentStats(NamedTuple):
     top1: jax.Array | None  # [...] int32 argmax of z (the greedy token); None if not asked for
 
 
-# stats, teacher_ids [..., K], teacher_logprobs [..., K] -> {name: [...] float32 per position}
-StatsFn = Callable[[StudentStats, jax.Array, jax.Array], dict[str, jax.Array]]
-
-
 def student_stats(logits_nv: jax.Array, teacher_ids_nk: jax.Array, valid_nk: jax.Array,
                   temperature: float = 1.0) -> StudentStats:
     """`StudentStats` from materialised logits [..., V] (any float dtype); ids, valid [..., K].
@@ -223,14 +219,9 @@ def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.A
     sharded inside every chunk. Each chunk's logits [B, chunk, V] are recomputed in the backward
     pass (jax.checkpoint), so peak memory holds one chunk's logits, not [B, L, V].
     """
-    seq_len = hidden_bld.shape[1]
-    chunk = max(1, min(int(chunk_size), seq_len))
-    n_chunks = -(-seq_len // chunk)
-    pad = n_chunks * chunk - seq_len
-    xs = (_to_chunks(_pad_seq(hidden_bld, pad, 0), n_chunks),
-          _to_chunks(_pad_seq(teacher_ids_blk, pad, 0), n_chunks),
-          _to_chunks(_pad_seq(teacher_logprobs_blk, pad, NEG_INF), n_chunks),
-          _to_chunks(_pad_seq(bin_bl.astype(jnp.int32), pad, -1), n_chunks))
+    xs, _ = _sequence_chunks(((hidden_bld, 0), (teacher_ids_blk, 0),
+                              (teacher_logprobs_blk, NEG_INF), (bin_bl.astype(jnp.int32), -1)),
+                             chunk_size)
 
     @jax.checkpoint
     def chunk_sums(head, h_bcd, ids_bck, lps_bck, bins_bc):
@@ -330,34 +321,6 @@ def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk
                         None if acc.top1 is None else acc.top1.reshape(lead))
 
 
-def position_sums(stat_fn: StatsFn, hidden_bld: jax.Array, head_dv: jax.Array,
-                  teacher_ids_blk: jax.Array, teacher_logprobs_blk: jax.Array,
-                  bin_bl: jax.Array, *, n_bins: int, temperature: float = 1.0,
-                  chunk_axis: str = "vocab", chunk_size: int = 256, vocab_tile: int = VOCAB_TILE,
-                  with_top1: bool = True) -> dict[str, jax.Array]:
-    """Per-bin sums of `stat_fn(StudentStats, teacher_ids, teacher_logprobs)` over positions.
-
-    bin_bl int [B, L]: each position's bin 0..n_bins-1, -1 = not counted. Returns {name:
-    [n_bins] float32} plus 'count'. chunk_axis "vocab" scans head tiles of `vocab_tile` columns,
-    "sequence" scans chunks of `chunk_size` positions (module docstring). with_top1=False: the
-    stats' top1 may be None (the vocabulary scan then skips its argmax).
-    """
-    if chunk_axis == "sequence":
-        return chunked_position_sums(
-            lambda logits, ids, lps: stat_fn(
-                student_stats(logits, ids, lps > NEG_INF, temperature), ids, lps),
-            hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, bin_bl,
-            n_bins=n_bins, chunk_size=chunk_size)
-    if chunk_axis == "vocab":
-        stats = vocab_tiled_stats(hidden_bld, head_dv, teacher_ids_blk,
-                                  teacher_logprobs_blk > NEG_INF, temperature=temperature,
-                                  vocab_tile=vocab_tile, with_top1=with_top1)
-        return _bin_sums(stat_fn(stats, teacher_ids_blk, teacher_logprobs_blk),
-                         bin_bl.astype(jnp.int32), n_bins)
-    raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose 'vocab' or 'sequence' "
-                     "(config field loss.chunk_axis)")
-
-
 def _scatter_rows(base_nv: jax.Array, ids_nk: jax.Array, values_nk: jax.Array, add: bool
                   ) -> jax.Array:
     """base with values set (or added) at each row's ids; ids == V are dropped. A per-row
@@ -370,7 +333,8 @@ def _scatter_rows(base_nv: jax.Array, ids_nk: jax.Array, values_nk: jax.Array, a
 def _chunk_loss_and_grads(h_bcd: jax.Array, head_dv: jax.Array, ids_bck: jax.Array,
                           lps_bck: jax.Array, mask_bc: jax.Array, *, kind: str,
                           temperature: float, beta: float, with_grads: bool):
-    """Loss sum of one sequence chunk and, with_grads, (d hidden [B, C, D], d head [D, V]).
+    """Loss sum of one sequence chunk; with_grads, (loss sum, d hidden [B, C, D], (hidden
+    [B*C, D], d loss / d logits [B*C, V])), the last pair for `_add_head_grad`.
 
     The chunk's logits [B*C, V] are made once and serve both the statistics and the gradient.
     The teacher's ids are overwritten with -inf in place, which leaves the tail logits: their
@@ -440,23 +404,28 @@ def _add_head_grad(dhead_dv: jax.Array, h_nd: jax.Array, dz_nv: jax.Array, tile:
     return add(acc, full * tile, vocab - full * tile) if vocab % tile else acc
 
 
-def _sequence_chunks(args: tuple, chunk_size: int) -> tuple[tuple, int]:
-    """(hidden, ids, lps, mask) [B, L, ...] -> the same as [n, B, chunk, ...] (padding: no
-    targets, not in the loss), and the padding added."""
-    hidden, ids, lps, mask = args
-    seq_len = hidden.shape[1]
+def _sequence_chunks(arrays: tuple[tuple[jax.Array, object], ...], chunk_size: int
+                     ) -> tuple[tuple[jax.Array, ...], int]:
+    """((x [B, L, ...], fill), ...) -> each x as [n, B, chunk, ...], the sequence padded with
+    its fill to a whole number of chunks; and the padding added."""
+    seq_len = arrays[0][0].shape[1]
     chunk = max(1, min(int(chunk_size), seq_len))
     n_chunks = -(-seq_len // chunk)
     pad = n_chunks * chunk - seq_len
-    return tuple(_to_chunks(_pad_seq(x, pad, fill), n_chunks) for x, fill in
-                 ((hidden, 0), (ids, 0), (lps, NEG_INF), (mask, False))), pad
+    return tuple(_to_chunks(_pad_seq(x, pad, fill), n_chunks) for x, fill in arrays), pad
+
+
+def _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int):
+    """The fused loss's scan inputs: hidden in the matmul dtype, padding with no targets."""
+    h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
+    return _sequence_chunks(((h, 0), (ids_blk.astype(jnp.int32), 0), (lps_blk, NEG_INF),
+                             (mask_bl, False)), chunk_size)
 
 
 def _fused_sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
     """(loss sum, (d hidden, d head)): one pass over sequence chunks, gradients included."""
     kind, temperature, beta, chunk_size, vocab_tile = opts
-    h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
-    xs, pad = _sequence_chunks((h, ids_blk.astype(jnp.int32), lps_blk, mask_bl), chunk_size)
+    xs, pad = _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
 
     def body(carry, chunk):
         total, dhead = carry
@@ -481,8 +450,7 @@ def _fused_sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
     d head) against 4 when autodiff recomputes them under remat. opts: (kind, temperature,
     beta, chunk_size, vocab_tile)."""
     kind, temperature, beta, chunk_size, _ = opts
-    h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
-    xs, _ = _sequence_chunks((h, ids_blk.astype(jnp.int32), lps_blk, mask_bl), chunk_size)
+    xs, _ = _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
 
     def body(total, chunk):
         return total + _chunk_loss_and_grads(chunk[0], head_dv, *chunk[1:], kind=kind,
@@ -510,8 +478,9 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
 
     hidden_bld [B, L, D] final hidden states (after ln_f, any float dtype); head_dv [D, V];
     teacher_ids_blk / teacher_logprobs_blk [B, L, K]; loss_mask_bl bool [B, L].
-    The mean loss is sum / count, with both summed over the global batch first. chunk_axis,
-    chunk_size, vocab_tile: how the LM head is cut (`position_sums`).
+    The mean loss is sum / count, with both summed over the global batch first. chunk_axis
+    "sequence" cuts the LM head into chunks of `chunk_size` positions (adding the head gradient
+    in tiles of `vocab_tile` columns), "vocab" into tiles of `vocab_tile` (module docstring).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
@@ -523,15 +492,16 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
                                                     int(chunk_size), int(vocab_tile)))
         return total, jnp.sum(loss_mask_bl).astype(jnp.float32)
 
-    def stat_fn(stats, ids, lps):
-        logp, logq = bucket_logprobs_from_stats(stats, lps, temperature)
-        return {"loss": divergence(logp, logq, kind, beta)}
-
-    sums = position_sums(stat_fn, hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk,
-                         jnp.where(loss_mask_bl, 0, -1), n_bins=1, temperature=temperature,
-                         chunk_axis=chunk_axis, chunk_size=chunk_size, vocab_tile=vocab_tile,
-                         with_top1=False)
-    return sums["loss"][0], sums["count"][0]
+    if chunk_axis != "vocab":
+        raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose 'vocab' or 'sequence' "
+                         "(config field loss.chunk_axis)")
+    stats = vocab_tiled_stats(hidden_bld, head_dv, teacher_ids_blk,
+                              teacher_logprobs_blk > NEG_INF, temperature=temperature,
+                              vocab_tile=vocab_tile, with_top1=False)
+    logp, logq = bucket_logprobs_from_stats(stats, teacher_logprobs_blk, temperature)
+    per_position = divergence(logp, logq, kind, beta)
+    return (jnp.sum(jnp.where(loss_mask_bl, per_position, 0.0)),
+            jnp.sum(loss_mask_bl).astype(jnp.float32))
 
 
 def dense_distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,

@@ -75,20 +75,23 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def train_step_flops(*, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                     mlp_hidden: int, vocab: int, batch: int, seq_len: int) -> dict[str, float]:
+                     mlp_hidden: int, vocab: int, batch: int, seq_len: int,
+                     head_tokens: int | None = None) -> dict[str, float]:
     """Model FLOPs of one forward + backward over batch * seq_len tokens (no recomputation):
 
-      6 * tokens * (N_blocks + D * V)  +  12 * n_layers * B * L^2 * D
+      6 * tokens * N_blocks  +  6 * head_tokens * D * V  +  12 * n_layers * B * L^2 * D
       N_blocks = n_layers * (2 D^2 + 2 D * D_kv + 3 D * D_mlp)   (q, o; k, v; gate, up, down)
 
     6 = 2 (multiply-add) x 3 (forward, d input, d weight). The LM head [D, V] counts like any
-    matmul; the embedding is a gather (no FLOPs). Attention: QK^T and PV, 2 * 2 * L^2 * D per
-    layer and row forward, x3 with the backward (bidirectional: the full L^2).
+    matmul, on the head_tokens positions the loss needs (default: every token; logits at
+    prompt positions are work the objective does not need); the embedding is a gather (no
+    FLOPs). Attention: QK^T and PV, 2 * 2 * L^2 * D per layer and row forward, x3 with the
+    backward (bidirectional: the full L^2).
     """
     tokens = batch * seq_len
     d_kv = d_model // n_heads * n_kv_heads
     blocks = n_layers * (2 * d_model ** 2 + 2 * d_model * d_kv + 3 * d_model * mlp_hidden)
-    head = d_model * vocab
+    head = 6 * (tokens if head_tokens is None else head_tokens) * d_model * vocab
     attention = 12 * n_layers * batch * seq_len ** 2 * d_model
-    return {"blocks": 6 * tokens * blocks, "head": 6 * tokens * head, "attention": attention,
-            "total": 6 * tokens * (blocks + head) + attention}
+    return {"blocks": 6 * tokens * blocks, "head": head, "attention": attention,
+            "total": 6 * tokens * blocks + head + attention}

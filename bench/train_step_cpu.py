@@ -10,7 +10,7 @@ Same model config, data and batch on both sides, fp32 on CPU, each side in its o
   vocabulary on every response position / number of response positions, torch AdamW with warmup.
 Prints tokens/s (B * L tokens per step / median step time), peak RSS, the speedup, and MFU
 against this machine's jnp fp32 matmul peak measured in the same run (formula in
-benchlib.train_step_flops).
+benchlib.train_step_flops; the LM head counted on the response positions, which the loss needs).
 
     python bench/train_step_cpu.py [--vocab 126464] [--steps 2] [--sides ours,original]
 """
@@ -194,11 +194,12 @@ def report(args, results: dict) -> None:
     tokens = args.batch * args.seq_len
     flops = benchlib.train_step_flops(
         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
-        mlp_hidden=args.mlp, vocab=args.vocab, batch=args.batch, seq_len=args.seq_len)
+        mlp_hidden=args.mlp, vocab=args.vocab, batch=args.batch, seq_len=args.seq_len,
+        head_tokens=args.batch * (args.seq_len - args.seq_len // 4))
     print(f"model FLOPs per step: {flops['total'] / 1e9:.1f} GFLOP (blocks "
           f"{flops['blocks'] / 1e9:.1f}, LM head {flops['head'] / 1e9:.1f}, attention "
-          f"{flops['attention'] / 1e9:.1f}) = 6 * tokens * (N_blocks + D*V) + "
-          "12 * layers * B * L^2 * D")
+          f"{flops['attention'] / 1e9:.1f}) = 6 * tokens * N_blocks + 6 * loss positions * "
+          "D*V + 12 * layers * B * L^2 * D (the loss needs no logits at prompt positions)")
     peak = max(results["ours"]["matmul_peak_gflops"]) if "ours" in results else None
     if peak:
         print(f"jnp fp32 matmul peak (2048^3, best of 5) measured before/after our steps: "

@@ -16,8 +16,11 @@ The [B, L, V] logits are never materialised. The student's side of every loss an
 needs, per position, its tempered logits at the teacher's ids, the log-normaliser, the log-mass off
 the teacher's ids and the argmax (`StudentStats`), and the loss gets them through the LM head in
 one of two cuts:
-- chunk_axis="sequence" (the default config): a `lax.scan` over sequence chunks (all rows at
-  once), each making its [B, chunk, V] logits once. The gradient is written in closed form in
+- chunk_axis="sequence" (the default config): each row's loss positions are gathered to its
+  front, then a loop runs over sequence chunks (all rows at once) only as far as the fullest
+  row's loss positions reach, the rest in pieces of 1/2 and 1/4 of a chunk: prompt,
+  padding and positions outside the loss cost no head FLOPs. Each chunk makes its [B, chunk, V]
+  logits once. The gradient is written in closed form in
   the same pass (a custom VJP), so the head costs 3 matmuls (logits, d hidden, d head) where
   autodiff under remat needs 4, and each logits buffer is read ~7 times in all; the head
   gradient is added tile by tile, so no head-sized temporary exists. At the 8B head (B = 1,
@@ -415,29 +418,76 @@ def _sequence_chunks(arrays: tuple[tuple[jax.Array, object], ...], chunk_size: i
     return tuple(_to_chunks(_pad_seq(x, pad, fill), n_chunks) for x, fill in arrays), pad
 
 
-def _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int):
-    """The fused loss's scan inputs: hidden in the matmul dtype, padding with no targets."""
+def _compact(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int):
+    """Each row's loss positions moved to its front (stable order), padded to whole chunks.
+
+    Returns (xs, order, chunk, needed): xs = (hidden in the matmul dtype, ids, log-probs, mask),
+    each [B, Lp, ...]; compacted position j of row b holds position order[b, j]; needed (traced
+    int32) = the most loss positions any row has.
+    """
+    b, seq_len = mask_bl.shape
+    chunk = max(1, min(int(chunk_size), seq_len))
+    order = jnp.argsort(~mask_bl, axis=1, stable=True)
+    pad = -(-seq_len // chunk) * chunk - seq_len
+
+    def take(x, fill):
+        idx = order.reshape(b, seq_len, *([1] * (x.ndim - 2)))
+        return _pad_seq(jnp.take_along_axis(x, idx, axis=1), pad, fill)
+
     h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
-    return _sequence_chunks(((h, 0), (ids_blk.astype(jnp.int32), 0), (lps_blk, NEG_INF),
-                             (mask_bl, False)), chunk_size)
+    xs = (take(h, 0), take(ids_blk.astype(jnp.int32), 0), take(lps_blk, NEG_INF),
+          take(mask_bl, False))
+    return xs, order, chunk, jnp.max(jnp.sum(mask_bl, axis=1)).astype(jnp.int32)
+
+
+def _over_loss_positions(piece, carry, xs, chunk: int, needed):
+    """carry after piece(carry, start, slices of xs [B, width, ...] at start) over the first
+    `needed` compacted positions: whole chunks, then the rest in pieces of chunk / 2 and
+    chunk / 4 (a rest over 3/4 of a chunk takes one more whole chunk). Each width is a loop
+    with a traced trip count (0 or 1 for the pieces), so the carry (the head gradient) is
+    updated in place, and nothing past the last loss position runs: prompt, padding and (in
+    masked_only / prefix_block) visible tokens cost no head FLOPs."""
+    subs = sorted({w for w in (chunk // 2, chunk // 4) if w >= 1}, reverse=True)
+    n_full, rest = needed // chunk, needed % chunk
+    extra = rest > sum(subs)
+    n_full, rest = n_full + extra, jnp.where(extra, 0, rest)
+    start = jnp.zeros((), jnp.int32)
+    for width, trips in [(chunk, n_full)] + [(w, None) for w in subs]:
+        if trips is None:  # take this piece if the smaller ones cannot hold the rest
+            trips = (rest > sum(v for v in subs if v < width)).astype(jnp.int32)
+            rest = jnp.maximum(rest - width * trips, 0)
+
+        def body(i, c, width=width, first=start):
+            at = first + i * width
+            return piece(c, at, tuple(jax.lax.dynamic_slice_in_dim(x, at, width, axis=1)
+                                      for x in xs))
+
+        carry = jax.lax.fori_loop(0, trips, body, carry)
+        start = start + width * trips
+    return carry
 
 
 def _fused_sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
-    """(loss sum, (d hidden, d head)): one pass over sequence chunks, gradients included."""
+    """(loss sum, (d hidden, d head)): one pass over the loss positions, gradients included."""
     kind, temperature, beta, chunk_size, vocab_tile = opts
-    xs, pad = _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
+    xs, order, chunk, needed = _compact(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl,
+                                        chunk_size)
 
-    def body(carry, chunk):
-        total, dhead = carry
+    def piece(carry, start, chunk_xs):
+        total, dhead, dh_all = carry
         t, dh, (h_nd, dz_nv) = _chunk_loss_and_grads(
-            chunk[0], head_dv, *chunk[1:], kind=kind, temperature=temperature, beta=beta,
+            chunk_xs[0], head_dv, *chunk_xs[1:], kind=kind, temperature=temperature, beta=beta,
             with_grads=True)
-        return (total + t, _add_head_grad(dhead, h_nd, dz_nv, vocab_tile)), dh
+        return (total + t, _add_head_grad(dhead, h_nd, dz_nv, vocab_tile),
+                jax.lax.dynamic_update_slice_in_dim(dh_all, dh.astype(dh_all.dtype), start,
+                                                    axis=1))
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_dv.shape, jnp.float32))
-    (total, dhead), dh = jax.lax.scan(body, init, xs)
-    b, seq_len = hidden_bld.shape[:2]
-    dh = jnp.moveaxis(dh, 0, 1).reshape(b, seq_len + pad, -1)[:, :seq_len]
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_dv.shape, jnp.float32),
+            jnp.zeros(xs[0].shape, xs[0].dtype))
+    total, dhead, dh_all = _over_loss_positions(piece, init, xs, chunk, needed)
+    seq_len = hidden_bld.shape[1]
+    # Back to the original order; positions outside the loss keep a zero gradient.
+    dh = jnp.take_along_axis(dh_all[:, :seq_len], jnp.argsort(order, axis=1)[..., None], axis=1)
     return total, (dh.astype(hidden_bld.dtype), dhead.astype(head_dv.dtype))
 
 
@@ -445,20 +495,21 @@ def _fused_sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opt
 def _fused_sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
     """Sum over masked positions of the divergence, through the head in sequence chunks.
 
-    The gradients are made in the forward pass from the chunk logits already at hand (custom
-    VJP), so each chunk's logits are computed once: 3 head matmuls in all (logits, d hidden,
-    d head) against 4 when autodiff recomputes them under remat. opts: (kind, temperature,
-    beta, chunk_size, vocab_tile)."""
+    Each row's loss positions are first gathered to its front, so only ceil(max loss positions
+    per row / chunk) chunks run. The gradients are made in the forward pass from the chunk
+    logits already at hand (custom VJP), so each chunk's logits are computed once: 3 head
+    matmuls in all (logits, d hidden, d head) against 4 when autodiff recomputes them under
+    remat. opts: (kind, temperature, beta, chunk_size, vocab_tile)."""
     kind, temperature, beta, chunk_size, _ = opts
-    xs, _ = _loss_chunks(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
+    xs, _, chunk, needed = _compact(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
 
-    def body(total, chunk):
-        return total + _chunk_loss_and_grads(chunk[0], head_dv, *chunk[1:], kind=kind,
+    def piece(total, start, chunk_xs):
+        del start
+        return total + _chunk_loss_and_grads(chunk_xs[0], head_dv, *chunk_xs[1:], kind=kind,
                                              temperature=temperature, beta=beta,
-                                             with_grads=False), None
+                                             with_grads=False)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total
+    return _over_loss_positions(piece, jnp.zeros((), jnp.float32), xs, chunk, needed)
 
 
 def _fused_sequence_loss_bwd(opts, grads, g):

@@ -200,6 +200,35 @@ def test_chunked_matches_dense_values_and_grads(kind, cut):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize("counts", [(0, 0, 0), (2, 0, 1), (4, 3, 0), (7, 5, 6), (8, 8, 2),
+                                    (19, 11, 16), (21, 21, 21)])
+def test_sequence_loss_runs_only_the_chunks_its_loss_positions_need(counts):
+    """The sequence cut gathers each row's loss positions to its front and runs whole chunks of 8
+    then the rest in 2, 4 or 8 columns (L = 21): per-row counts hitting each case (none; rest 2,
+    4, 7; exactly one chunk; two chunks + 3; every position), positions scattered over the row.
+    Values and both gradients equal the dense loss; positions outside the loss get d hidden 0."""
+    rng = np.random.default_rng(sum(counts))
+    hidden, head, ids, lp, _ = loss_inputs(rng, b=3, seq=21)
+    mask = np.zeros((3, 21), bool)
+    for row, n in enumerate(counts):
+        mask[row, rng.permutation(21)[:n]] = True
+
+    def grads(fn, **kw):
+        return jax.jit(jax.value_and_grad(
+            lambda h, w: fn(h, w, ids, lp, jnp.asarray(mask), kind="kl", **kw),
+            argnums=(0, 1), has_aux=True))(hidden, head)
+
+    (s_chunk, c_chunk), (gh_chunk, gw_chunk) = grads(loss.distill_loss, chunk_axis="sequence",
+                                                     chunk_size=8, vocab_tile=7)
+    (s_dense, c_dense), (gh_dense, gw_dense) = grads(loss.dense_distill_loss)
+    assert c_chunk == c_dense == sum(counts)
+    np.testing.assert_allclose(s_chunk, s_dense, rtol=0, atol=1e-6 * max(1, sum(counts)))
+    np.testing.assert_allclose(gh_chunk, gh_dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw_chunk, gw_dense, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(gh_chunk)[~mask])
+    assert (np.count_nonzero(np.abs(np.asarray(gh_chunk)).sum(-1)) == sum(counts))
+
+
 @pytest.mark.parametrize("kind, cut", [(kind, "vocab7") for kind in KINDS] + [("kl", "sequence")])
 def test_k_equals_v_through_the_head_is_the_dense_divergence(kind, cut):
     """Teacher = a full softmax as k = V sorted log-probs: the loss through the chunked head is
@@ -273,25 +302,36 @@ def test_loss_is_the_masked_sum_of_reference_divergences_bf16_hidden():
     np.testing.assert_allclose(s, per_position[np.asarray(mask)].sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("cut", [dict(chunk_axis="sequence", chunk_size=32),
-                                 dict(chunk_axis="vocab", vocab_tile=512)])
-def test_chunked_grad_uses_far_less_memory_than_dense(cut):
-    b, seq, d, v, k = 2, 512, 32, 8192, 8
+def grad_temp_bytes(fn, b, seq, d, v, k, **kw) -> int:
+    """Compiled temporary bytes of d loss / d (hidden, head) for abstract fp32 inputs."""
     args = (jax.ShapeDtypeStruct((b, seq, d), jnp.float32),
             jax.ShapeDtypeStruct((d, v), jnp.float32),
             jax.ShapeDtypeStruct((b, seq, k), jnp.int32),
             jax.ShapeDtypeStruct((b, seq, k), jnp.float32),
             jax.ShapeDtypeStruct((b, seq), jnp.bool_))
+    grad = jax.grad(lambda h, w, *rest: fn(h, w, *rest, **kw)[0], argnums=(0, 1))
+    return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    def temp_bytes(fn, **kw):
-        grad = jax.grad(lambda h, w, *rest: fn(h, w, *rest, **kw)[0], argnums=(0, 1))
-        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    chunked = temp_bytes(loss.distill_loss, **cut)
-    dense = temp_bytes(loss.dense_distill_loss)
+@pytest.mark.parametrize("cut", [dict(chunk_axis="sequence", chunk_size=32),
+                                 dict(chunk_axis="vocab", vocab_tile=512)])
+def test_chunked_grad_uses_far_less_memory_than_dense(cut):
+    b, seq, d, v, k = 2, 512, 32, 8192, 8
+    chunked = grad_temp_bytes(loss.distill_loss, b, seq, d, v, k, **cut)
+    dense = grad_temp_bytes(loss.dense_distill_loss, b, seq, d, v, k)
     logits_bytes = b * seq * v * 4
     assert dense > logits_bytes  # the dense version really holds [B, L, V] logits
     assert chunked * 8 < dense, (chunked, dense)
+
+
+def test_sequence_loss_holds_no_second_head_sized_buffer():
+    """The head gradient is accumulated in place across every chunk loop (whole chunks, then
+    the half and quarter pieces): the compiled temporaries stay under one [D, V] head (a copy
+    of the accumulator between loops would add a whole head)."""
+    d, v = 256, 8192
+    temp = grad_temp_bytes(loss.distill_loss, 1, 300, d, v, 8, chunk_axis="sequence",
+                           chunk_size=16)
+    assert temp < d * v * 4, (temp, d * v * 4)
 
 
 @pytest.mark.parametrize("cut", list(CUTS))

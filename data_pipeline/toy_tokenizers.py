@@ -12,6 +12,7 @@ Both save a `tokenizer.json` that `tokenizers.Tokenizer.from_file` and transform
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Iterable
@@ -37,12 +38,19 @@ def byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def sentencepiece_bpe(texts: Iterable[str], vocab_size: int,
                       alphabet_size: int = 40) -> Tokenizer:
     """'▁'-space BPE with byte fallback: characters outside its alphabet become `<0xNN>`."""
+    texts = list(texts)
     pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # The alphabet is chosen here (most frequent characters, ties by code point): the trainer's
+    # own `limit_alphabet` cut breaks frequency ties in hash order, so the tokenizer (and every
+    # dataset built with it) would differ from run to run.
+    counts = collections.Counter("".join("▁" + t.replace(" ", "▁") for t in texts))
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:alphabet_size]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  limit_alphabet=alphabet_size, show_progress=False)
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  show_progress=False)
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre
-    learner.train_from_iterator(list(texts), trainer)
+    learner.train_from_iterator(texts, trainer)
     # Retrain-free rebuild: the learnt vocab plus the 256 byte tokens, with byte fallback on.
     vocab = learner.get_vocab(with_added_tokens=True)
     for byte in range(256):

@@ -1,5 +1,7 @@
 """Alignment: token-string normalisation, byte offsets, vocabulary map, position alignment."""
 
+import pathlib
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -74,3 +76,16 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="nowhere"):
         alignment.load_tokenizer(str(tmp_path / "nowhere"))
     assert isinstance(alignment.load_tokenizer(make_tokenizers(str(tmp_path))[0]), Tokenizer)
+
+
+def test_toy_tokenizers_are_the_same_on_every_build(tmp_path):
+    """Two builds from the same texts give byte-identical tokenizer files (the student's
+    alphabet is cut by frequency with ties broken by code point, not by hash order), and the
+    student's 40-character alphabet sends rarer characters through byte fallback."""
+    first = make_tokenizers(str(tmp_path / "a"))
+    second = make_tokenizers(str(tmp_path / "b"))
+    for a, b in zip(first, second):
+        assert (pathlib.Path(a, "tokenizer.json").read_bytes()
+                == pathlib.Path(b, "tokenizer.json").read_bytes())
+    student = Tokenizer.from_file(str(pathlib.Path(first[1], "tokenizer.json")))
+    assert student.encode("☃").tokens[-3:] == ["<0xE2>", "<0x98>", "<0x83>"]

@@ -70,4 +70,5 @@ def from_top5(student_ids: np.ndarray, logits: np.ndarray, top_k: int) -> Target
     uniq, inverse = np.unique(student_ids[mapped], return_inverse=True)
     merged = np.bincount(inverse, weights=probs[mapped]) / kept
     top = _top(merged, top_k)
+    top = top[merged[top] > 0]  # a candidate whose probability underflowed carries no mass
     return Target(uniq[top].astype(np.int32), np.log(merged[top]).astype(np.float32), False, kept)

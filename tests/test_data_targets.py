@@ -3,6 +3,7 @@ end to end through `preprocess` with two different real tokenizers."""
 
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -50,6 +51,16 @@ def test_top5_renormalises_over_mapped_candidates():
                                rtol=1e-6)
     assert not t.tail_known and t.mass_kept == pytest.approx(kept)
     assert targets.from_top5(np.array([-1, -1]), np.array([1.0, 0.0]), 4) is None
+
+
+def test_top5_drops_candidates_whose_probability_underflows():
+    """Logits 1000 apart: exp underflows to 0 for the second candidate, which is left out
+    (no -inf log-prob stored at a real id, no divide-by-zero warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = targets.from_top5(np.array([3, 5]), np.array([0.0, -1000.0]), 4)
+    np.testing.assert_array_equal(t.ids, [3])
+    np.testing.assert_array_equal(t.logprobs, [0.0])
 
 
 def _gpt2_byte_decoder():

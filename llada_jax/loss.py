@@ -495,8 +495,8 @@ def _fused_sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opt
 def _fused_sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
     """Sum over masked positions of the divergence, through the head in sequence chunks.
 
-    Each row's loss positions are first gathered to its front, so only ceil(max loss positions
-    per row / chunk) chunks run. The gradients are made in the forward pass from the chunk
+    Each row's loss positions are first gathered to its front, so the chunks run only as far as
+    the fullest row's loss positions reach (`_over_loss_positions`). The gradients are made in the forward pass from the chunk
     logits already at hand (custom VJP), so each chunk's logits are computed once: 3 head
     matmuls in all (logits, d hidden, d head) against 4 when autodiff recomputes them under
     remat. opts: (kind, temperature, beta, chunk_size, vocab_tile)."""

@@ -2,7 +2,7 @@
 
 Same model config, data and batch on both sides, fp32 on CPU, each side in its own subprocess:
 - ours: `train_step.make_train_step` (diffusion masking, forward with stacked + scanned layers,
-  sparse top-k KL with tail bucket through the vocabulary-tiled LM head, clipped AdamW), jitted
+  sparse top-k KL with tail bucket through the LM head in sequence chunks, clipped AdamW), jitted
   with the state donated; the teacher as top-k ids + log-probs [B, L, k];
 - original: the original trainer's loop in PyTorch: the teacher as a dense float32 [B, L, V]
   tensor (prompt rows zero), the same diffusion masking, logits [B, L, V] from a LLaDA forward
@@ -55,11 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prompt_length(args) -> int:
+    """The first L / 4 tokens of every row are prompt (no teacher target, not in the loss)."""
+    return args.seq_len // 4
+
+
 def synthetic_tokens(args) -> tuple[np.ndarray, int]:
     """Student tokens int32 [B, L] (never the mask id V - 1) and the prompt length (L / 4)."""
     rng = np.random.default_rng(args.seed)
     return rng.integers(0, args.vocab - 1, (args.batch, args.seq_len)).astype(np.int32), \
-        args.seq_len // 4
+        prompt_length(args)
 
 
 def teacher_logits(args, row: int, pos: int) -> np.ndarray:
@@ -195,7 +200,7 @@ def report(args, results: dict) -> None:
     flops = benchlib.train_step_flops(
         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads,
         mlp_hidden=args.mlp, vocab=args.vocab, batch=args.batch, seq_len=args.seq_len,
-        head_tokens=args.batch * (args.seq_len - args.seq_len // 4))
+        head_tokens=args.batch * (args.seq_len - prompt_length(args)))
     print(f"model FLOPs per step: {flops['total'] / 1e9:.1f} GFLOP (blocks "
           f"{flops['blocks'] / 1e9:.1f}, LM head {flops['head'] / 1e9:.1f}, attention "
           f"{flops['attention'] / 1e9:.1f}) = 6 * tokens * N_blocks + 6 * loss positions * "
@@ -228,7 +233,7 @@ def main() -> None:
         return
     print(f"setup: LLaDA d={args.d_model}, {args.layers} layers, {args.heads} heads, MLP "
           f"{args.mlp}, V={args.vocab}; B={args.batch}, L={args.seq_len} (prompt = first "
-          f"{args.seq_len // 4}), all rows full; teacher top-k={args.top_k} for ours, dense "
+          f"{prompt_length(args)}), all rows full; teacher top-k={args.top_k} for ours, dense "
           f"[B, L, V] fp32 for the original; fp32 params and compute; remat {args.remat}, scan "
           f"{not args.no_scan}; {args.steps} timed steps after 1 warm-up; {benchlib.load()}")
     results = {}

@@ -222,9 +222,9 @@ def chunked_position_sums(stat_fn: StatFn, hidden_bld: jax.Array, head_dv: jax.A
     sharded inside every chunk. Each chunk's logits [B, chunk, V] are recomputed in the backward
     pass (jax.checkpoint), so peak memory holds one chunk's logits, not [B, L, V].
     """
-    xs, _ = _sequence_chunks(((hidden_bld, 0), (teacher_ids_blk, 0),
-                              (teacher_logprobs_blk, NEG_INF), (bin_bl.astype(jnp.int32), -1)),
-                             chunk_size)
+    xs = _sequence_chunks(((hidden_bld, 0), (teacher_ids_blk, 0),
+                           (teacher_logprobs_blk, NEG_INF), (bin_bl.astype(jnp.int32), -1)),
+                          chunk_size)
 
     @jax.checkpoint
     def chunk_sums(head, h_bcd, ids_bck, lps_bck, bins_bc):
@@ -407,15 +407,20 @@ def _add_head_grad(dhead_dv: jax.Array, h_nd: jax.Array, dz_nv: jax.Array, tile:
     return add(acc, full * tile, vocab - full * tile) if vocab % tile else acc
 
 
-def _sequence_chunks(arrays: tuple[tuple[jax.Array, object], ...], chunk_size: int
-                     ) -> tuple[tuple[jax.Array, ...], int]:
-    """((x [B, L, ...], fill), ...) -> each x as [n, B, chunk, ...], the sequence padded with
-    its fill to a whole number of chunks; and the padding added."""
-    seq_len = arrays[0][0].shape[1]
+def _chunking(seq_len: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk, pad): the chunk size clamped to 1..L, and the padding to whole chunks."""
     chunk = max(1, min(int(chunk_size), seq_len))
-    n_chunks = -(-seq_len // chunk)
-    pad = n_chunks * chunk - seq_len
-    return tuple(_to_chunks(_pad_seq(x, pad, fill), n_chunks) for x, fill in arrays), pad
+    return chunk, -(-seq_len // chunk) * chunk - seq_len
+
+
+def _sequence_chunks(arrays: tuple[tuple[jax.Array, object], ...], chunk_size: int
+                     ) -> tuple[jax.Array, ...]:
+    """((x [B, L, ...], fill), ...) -> each x as [n, B, chunk, ...], the sequence padded with
+    its fill to a whole number of chunks."""
+    seq_len = arrays[0][0].shape[1]
+    chunk, pad = _chunking(seq_len, chunk_size)
+    return tuple(_to_chunks(_pad_seq(x, pad, fill), (seq_len + pad) // chunk)
+                 for x, fill in arrays)
 
 
 def _compact(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int):
@@ -426,9 +431,8 @@ def _compact(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int):
     int32) = the most loss positions any row has.
     """
     b, seq_len = mask_bl.shape
-    chunk = max(1, min(int(chunk_size), seq_len))
+    chunk, pad = _chunking(seq_len, chunk_size)
     order = jnp.argsort(~mask_bl, axis=1, stable=True)
-    pad = -(-seq_len // chunk) * chunk - seq_len
 
     def take(x, fill):
         idx = order.reshape(b, seq_len, *([1] * (x.ndim - 2)))

@@ -235,8 +235,8 @@ def block_forward(cfg: ModelConfig, w: dict[str, jax.Array], x_bld: jax.Array,
     normed = rms_norm(h, w["ff_norm"], cfg.rms_norm_eps)
     # Under remat, autodiff keeps the policy's say over what is saved; otherwise the MLP's
     # backward is the written-out one (`swiglu`).
-    mlp = _swiglu_fwd if cfg.remat_policy != "none" else lambda *a: (swiglu(*a), None)
-    y = h + mlp(normed, cast("ff_proj"), cast("up_proj"), cast("ff_out"))[0]
+    mlp = swiglu if cfg.remat_policy == "none" else lambda *a: _swiglu_fwd(*a)[0]
+    y = h + mlp(normed, cast("ff_proj"), cast("up_proj"), cast("ff_out"))
     return constrain(y, ("batch", "length", "act_embed"))
 
 

@@ -22,9 +22,11 @@ import numpy as np
 from flax import nnx
 
 import benchlib
-from llada_jax import configlib, optim, train_step
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.train import config as train_config
+from llada_jax.train import optim
+from llada_jax.train import train_step
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,7 +82,7 @@ def main() -> None:
         mask_token_id=shape["vocab"] - 1, max_sequence_length=shape["seq_len"],
         dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
         attention_impl="dot_product_attention")
-    config = configlib.load_config(str(REPO / "configs" / "tiny.py"), [])
+    config = train_config.load_config(str(REPO / "configs" / "tiny.py"), [])
     optimizer = optim.make_optimizer(config.optim, total_steps=1000)
     graphdef, params = nnx.split(LLaDAModel(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -63,12 +63,14 @@ def time_tiny_step(data_dir: str, steps: int) -> dict:
     """The tiny config's jitted train step on batches of this dataset: tokens/s."""
     import jax
 
-    from llada_jax import configlib, train
+    from llada_jax.train import config as train_config
 
-    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"),
+    from llada_jax.train import trainer as trainer_lib
+
+    config = train_config.load_config(os.path.join(REPO, "configs", "tiny.py"),
                                    [f"--config.data.dir={data_dir}"])
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = train.Trainer(config, workdir, progress=False)
+        trainer = trainer_lib.Trainer(config, workdir, progress=False)
         state = trainer.initial_state()
         it = trainer.make_iterator("train", shuffle=True, num_epochs=None)
         batches = [trainer.to_global(next(it)) for _ in range(steps + 1)]

@@ -23,7 +23,7 @@ import pathlib
 import sys
 import time
 
-from llada_jax import tpu_compile
+from llada_jax.train import tpu_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # LLaDA-8B's vocabulary (DESIGN.md); the architecture is in the config file.

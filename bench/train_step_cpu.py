@@ -97,16 +97,20 @@ def run_ours(args) -> dict:
     import jax
     from flax import nnx
 
-    from llada_jax import configlib, optim, train_step
-    from llada_jax.config import ModelConfig
-    from llada_jax.modeling import LLaDAModel
+    from llada_jax.train import config as train_config
+
+    from llada_jax.train import optim
+
+    from llada_jax.train import train_step
+    from llada_jax.model.config import ModelConfig
+    from llada_jax.model.modeling import LLaDAModel
 
     overrides = {"optim.lr": ORIGINAL_LR, "optim.weight_decay": ORIGINAL_WD,
                  "optim.warmup_steps": ORIGINAL_WARMUP, "loss.mask_mode": "original",
                  "loss.mask_eps": MASK_EPS, "model.dtype": "float32",
                  "loss.chunk_axis": args.chunk_axis, "loss.chunk_size": args.chunk_size,
                  "loss.vocab_tile": args.vocab_tile}
-    config = configlib.load_config(str(REPO / "configs" / "tiny.py"),
+    config = train_config.load_config(str(REPO / "configs" / "tiny.py"),
                                    [f"--config.{k}={v}" for k, v in overrides.items()])
     model_cfg = ModelConfig(
         d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,

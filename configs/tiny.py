@@ -6,7 +6,7 @@ the model is read from a params checkpoint made by `llada-jax import-hf` (`model
 
 import ml_collections
 
-from llada_jax.train_config import default_config
+from llada_jax.train.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

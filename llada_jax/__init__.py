@@ -13,11 +13,11 @@ __all__ = ["load_hf", "save_hf", "load_model"]
 
 def __getattr__(name):  # lazy: `import llada_jax` stays cheap for the CLI and data workers
     if name in ("load_hf", "save_hf"):
-        from llada_jax import params
+        from llada_jax.model import params
 
         return getattr(params, name)
     if name == "load_model":
-        from llada_jax.checkpointing import load_model
+        from llada_jax.train.checkpointing import load_model
 
         return load_model
     raise AttributeError(f"module 'llada_jax' has no attribute {name!r}")

@@ -14,12 +14,12 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("data_pipeline.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
-    "import-hf": ("llada_jax.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
-    "export-hf": ("llada_jax.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
-    "train": ("llada_jax.train", "fine-tune the student on teacher targets (resumes by itself)"),
-    "eval": ("llada_jax.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
+    "import-hf": ("llada_jax.model.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
+    "export-hf": ("llada_jax.model.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
+    "train": ("llada_jax.train.trainer", "fine-tune the student on teacher targets (resumes by itself)"),
+    "eval": ("llada_jax.eval.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
     "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),
-    "generate-teacher": ("llada_jax.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
+    "generate-teacher": ("llada_jax.teacher.generate", "causal teacher + prompts -> teacher logits (seed format)"),
 }
 
 

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llada_jax import configlib
+    from llada_jax.train import config as train_config
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for mode in modes:
         overrides = demo_overrides(data_dir, args.steps, mode, args.student)
-        config = configlib.load_config(str(TINY_CONFIG), overrides)
+        config = train_config.load_config(str(TINY_CONFIG), overrides)
         workdir = out / ("run" if len(modes) == 1 else f"run_{mode}")
         results[config.loss.mask_mode] = align_student(config, workdir)
     if args.compare_strategies:
@@ -92,8 +92,8 @@ def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int,
     """Teacher answers with full-vocabulary logits -> the student's top-k records."""
     from data_pipeline.convert import Options
     from data_pipeline.preprocess import preprocess
-    from llada_jax.generate_teacher import Sampling, generate_records, load_teacher, read_prompts
-    from llada_jax.generate_teacher import write_records
+    from llada_jax.teacher.generate import Sampling, generate_records, load_teacher, read_prompts
+    from llada_jax.teacher.generate import write_records
 
     dump, done = out / "teacher.jsonl", out / "teacher.done"
     recipe = json.dumps({"max_new_tokens": max_new_tokens, "assets": str(ASSETS),
@@ -132,8 +132,8 @@ def align_student(config, workdir: pathlib.Path) -> dict:
     """Trains a fresh student; held-out drafter metrics of the initial and final params."""
     from flax import nnx
 
-    from llada_jax.evaluate import evaluate_model
-    from llada_jax.train import Trainer
+    from llada_jax.eval.evaluate import evaluate_model
+    from llada_jax.train.trainer import Trainer
 
     shutil.rmtree(workdir, ignore_errors=True)
     trainer = Trainer(config, workdir, progress=sys.stderr.isatty())
@@ -154,8 +154,8 @@ def align_student(config, workdir: pathlib.Path) -> dict:
 
 
 def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
-    from llada_jax.checkpointing import load_model
-    from llada_jax.params import save_hf
+    from llada_jax.train.checkpointing import load_model
+    from llada_jax.model.params import save_hf
 
     _, model = load_model(workdir)
     shutil.rmtree(export_dir, ignore_errors=True)

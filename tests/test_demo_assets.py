@@ -9,8 +9,8 @@ from flax import nnx
 from transformers import PreTrainedTokenizerFast
 
 import llada_jax
-from llada_jax import generate_teacher as gt
-from llada_jax.checkpoint_io import load_params
+from llada_jax.teacher import generate as gt
+from llada_jax.checkpoints import load_params
 
 ASSETS = pathlib.Path(llada_jax.__file__).parent / "demo_assets"
 HELDOUT_VERSES = 96

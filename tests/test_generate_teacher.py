@@ -14,10 +14,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from llada_jax import cli
-from llada_jax import generate_teacher as gt
-from llada_jax.checkpoint_io import save_params
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.teacher import generate as gt
+from llada_jax.checkpoints import save_params
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 TEXT = ["In the beginning God created the heaven and the earth.",
         "And the earth was without form, and void; and darkness was upon the face of the deep.",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax import loss
+from llada_jax.train import loss
 
 KINDS = loss.KINDS
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax import masking
+from llada_jax.train import masking
 
 MASK = 126336
 

@@ -8,7 +8,9 @@ from test_loss import (full_vocab_case, jax_divergence, np_buckets, np_divergenc
                        topk_case)
 from test_masking import MASK, SEGMENTS, packed_batch
 
-from llada_jax import masking, metrics
+from llada_jax.train import masking
+
+from llada_jax.eval import metrics
 
 
 position_metrics = jax.jit(metrics.position_metrics)

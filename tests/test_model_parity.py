@@ -9,9 +9,9 @@ from flax import nnx
 
 import hf_fixtures
 import torch_reference
-from llada_jax import params
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.model import params
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 TOL = 1e-5
 
@@ -162,7 +162,7 @@ def test_scanned_and_unscanned_layers_and_remat_policies_agree():
 def test_xla_attention_gradients_match_torch_autograd():
     """The written-out attention backward (GQA 6 query / 2 KV heads, padding keys, one query row
     with every key hidden) against torch autograd of the plain formula, fp32."""
-    from llada_jax.modeling import xla_attention
+    from llada_jax.model.modeling import xla_attention
 
     rng = np.random.default_rng(3)
     b, length, n_heads, n_kv, head_dim = 2, 7, 6, 2, 8
@@ -192,7 +192,7 @@ def test_xla_attention_gradients_match_torch_autograd():
 def test_swiglu_gradients_match_torch_autograd():
     """The written-out MLP backward against torch autograd of down(silu(x gate) * (x up)),
     fp32; bf16 inputs give gradients in bf16 within bf16 rounding of the fp32 ones."""
-    from llada_jax.modeling import swiglu
+    from llada_jax.model.modeling import swiglu
 
     rng = np.random.default_rng(4)
     b, length, d, f = 2, 5, 8, 12

@@ -8,7 +8,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from llada_jax import checkpoint_io, cli, params, sharding
+from llada_jax import checkpoints
+from llada_jax import cli
+from llada_jax.model import params
+from llada_jax import sharding
 
 # What DEFAULT_RULES ask for: FSDP over the model dim, tensor parallel over heads / MLP / vocab.
 EXPECTED_SPECS = {
@@ -82,8 +85,8 @@ def test_import_places_every_param_as_the_rules_ask(hf_dir, mesh):
 
 def test_checkpoint_restores_onto_the_mesh(hf_dir, mesh, tmp_path):
     _, model = params.load_hf(hf_dir)
-    checkpoint_io.save_params(tmp_path / "ckpt", model)
-    cfg, restored = checkpoint_io.load_params(tmp_path / "ckpt", mesh=mesh)
+    checkpoints.save_params(tmp_path / "ckpt", model)
+    cfg, restored = checkpoints.load_params(tmp_path / "ckpt", mesh=mesh)
     assert cfg.param_dtype == "bfloat16"
     _assert_sharded_as_ruled(restored, mesh)
     np.testing.assert_array_equal(np.asarray(restored.layers["q_proj"][...]),
@@ -123,7 +126,7 @@ def test_constrain_is_a_no_op_without_mesh():
 def test_cli_import_with_mesh_writes_the_same_params(hf_dir, tmp_path):
     assert cli.main(["import-hf", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "ckpt"),
                      "--mesh", "fsdp=4,tensor=2"]) == 0
-    _, restored = checkpoint_io.load_params(tmp_path / "ckpt")
+    _, restored = checkpoints.load_params(tmp_path / "ckpt")
     _, direct = params.load_hf(hf_dir)
     for path, array in _flat_params(direct).items():
         assert _flat_params(restored)[path].dtype == array.dtype == jnp.bfloat16

@@ -15,7 +15,9 @@ import pathlib
 
 import pytest
 
-from llada_jax import configlib, tpu_compile
+from llada_jax.train import config as train_config
+
+from llada_jax.train import tpu_compile
 
 pytestmark = pytest.mark.tpu_compile
 
@@ -28,7 +30,7 @@ OVERRIDES = {"model.d_model": 256, "model.n_heads": 2, "model.n_kv_heads": 2,
 
 @pytest.fixture(scope="module")
 def config():
-    return configlib.load_config(str(TINY), [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
+    return train_config.load_config(str(TINY), [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
 
 
 def param_counts(m) -> tuple[int, int]:
@@ -79,7 +81,7 @@ def test_train_step_flops_match_the_parameter_count(config, chunk_axis):
                                             ("v4_32", "v4-32"), ("v6e_16", "v6e-16")])
 def test_llada_8b_variants_match_their_slice(variant, target):
     """The mesh covers exactly the slice's chips; the batch is a whole number per chip."""
-    config = configlib.load_config(f"{TINY.parent / 'llada_8b.py'}:{variant}")
+    config = train_config.load_config(f"{TINY.parent / 'llada_8b.py'}:{variant}")
     chips = len(tpu_compile.topology_devices(target))
     assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == chips
     assert config.data.global_batch_size % chips == 0 and config.data.seq_len == 4096

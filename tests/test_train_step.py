@@ -7,9 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import configlib, optim, sharding, train_step
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.train import config as train_config
+
+from llada_jax.train import optim
+
+from llada_jax import sharding
+
+from llada_jax.train import train_step
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 TINY = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
 MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
@@ -32,7 +38,7 @@ def synthetic_batch(b=8, seq=24, k=6, seed=0):
 
 
 def setup(**overrides):
-    config = configlib.load_config(str(TINY), [f"--config.{k}={v}" for k, v in overrides.items()])
+    config = train_config.load_config(str(TINY), [f"--config.{k}={v}" for k, v in overrides.items()])
     optimizer = optim.make_optimizer(config.optim, total_steps=20)
     graphdef, params = nnx.split(LLaDAModel(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
     state = train_step.init_train_state(params, optimizer)
@@ -88,7 +94,7 @@ def test_sharded_8_devices_matches_single_device():
     shard = train_step.state_shardings(jax.eval_shape(lambda: state), mesh, sharding.DEFAULT_RULES)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    config = configlib.load_config(str(TINY))
+    config = train_config.load_config(str(TINY))
     optimizer = optim.make_optimizer(config.optim, total_steps=20)
     graphdef, _ = nnx.split(LLaDAModel(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
     step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, MODEL.mask_token_id),
@@ -103,7 +109,7 @@ def test_sharded_8_devices_matches_single_device():
 
 
 def test_weight_decay_skips_norms_and_schedule_shape():
-    config = configlib.load_config(str(TINY), ["--config.optim.lr=1e-2", "--config.optim.warmup_steps=4"])
+    config = train_config.load_config(str(TINY), ["--config.optim.lr=1e-2", "--config.optim.warmup_steps=4"])
     params = nnx.state(LLaDAModel(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
     mask = nnx.to_pure_dict(optim.decay_mask(params))
     assert mask["layers"]["attn_norm"] is False and mask["ln_f"] is False

@@ -1,7 +1,7 @@
 """An independent PyTorch LLaDA forward for the tests, written from DESIGN.md's description.
 
 It reads an HF-layout state dict (`model.transformer.*`, torch Linear weights [out, in]) and an
-HF config dict, and deliberately does things the other way round from llada_jax.modeling: heads
+HF config dict, and deliberately does things the other way round from llada_jax.model.modeling: heads
 repeated for GQA (repeat_interleave) instead of grouped, an additive -inf bias via torch's SDPA,
 RoPE tables built per position with torch ops.
 """

@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llada_jax import sharding as sharding_lib
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
-from llada_jax.params import DTYPES, abstract_model
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
+from llada_jax.model.params import DTYPES, abstract_model
 
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"

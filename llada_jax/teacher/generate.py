@@ -38,8 +38,8 @@ import numpy as np
 from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llada_jax.checkpoint_io import load_params
-from llada_jax.modeling import LLaDAModel
+from llada_jax.checkpoints import load_params
+from llada_jax.model.modeling import LLaDAModel
 
 TOP_K = 5
 PROMPT_BUCKET = 16        # prompt lengths round up to this: few distinct shapes to compile

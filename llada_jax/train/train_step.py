@@ -16,10 +16,12 @@ import ml_collections
 import optax
 from flax import nnx
 
-from llada_jax import loss as loss_lib
-from llada_jax import masking, optim, sharding
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.train import loss as loss_lib
+from llada_jax.train import masking
+from llada_jax.train import optim
+from llada_jax import sharding
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 Batch = dict[str, jax.Array]
 

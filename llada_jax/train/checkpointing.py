@@ -16,8 +16,14 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from llada_jax import checkpoint_io, params, sharding, train_step
-from llada_jax.config import ModelConfig
+from llada_jax import checkpoints
+
+from llada_jax.model import params
+
+from llada_jax import sharding
+
+from llada_jax.train import train_step
+from llada_jax.model.config import ModelConfig
 
 
 class TrainCheckpointer:
@@ -78,7 +84,7 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, 
                                         options=ocp.CheckpointManagerOptions(read_only=True))
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise checkpoint_io.CheckpointError(f"{path}/checkpoints holds no finished checkpoint")
+            raise checkpoints.CheckpointError(f"{path}/checkpoints holds no finished checkpoint")
         graphdef, abstract = nnx.split(params.abstract_model(cfg), nnx.Param)
         mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
         shardings = train_step.state_shardings(abstract, mesh, rules or sharding.DEFAULT_RULES)
@@ -88,10 +94,10 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, 
             args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                         restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
         return cfg, nnx.merge(graphdef, restored["params"])
-    if (path / checkpoint_io.PARAMS_DIR).is_dir():
-        return checkpoint_io.load_params(path, mesh=mesh, rules=rules)
+    if (path / checkpoints.PARAMS_DIR).is_dir():
+        return checkpoints.load_params(path, mesh=mesh, rules=rules)
     if (path / "config.json").is_file():
         return params.load_hf(path, mesh=mesh, rules=rules)
-    raise checkpoint_io.CheckpointError(
+    raise checkpoints.CheckpointError(
         f"{path} is neither a train workdir (checkpoints/), a params checkpoint (params/) nor an "
         f"HF model directory (config.json + safetensors)")

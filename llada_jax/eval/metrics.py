@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llada_jax import loss
+from llada_jax.train import loss
 
 METRICS = ("kl", "alpha_lower", "alpha_upper", "top1")
 

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
-from llada_jax import masking, metrics
-from llada_jax.checkpointing import load_model
+from llada_jax.train import masking
+from llada_jax.eval import metrics
+from llada_jax.train.checkpointing import load_model
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gamma", "mask_token_id", "chunk_size"))

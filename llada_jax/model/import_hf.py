@@ -13,9 +13,9 @@ import argparse
 import sys
 
 from llada_jax import sharding
-from llada_jax.checkpoint_io import CheckpointError, save_params
-from llada_jax.config import ConfigError
-from llada_jax.params import DTYPES, ConversionError, load_hf
+from llada_jax.checkpoints import CheckpointError, save_params
+from llada_jax.model.config import ConfigError
+from llada_jax.model.params import DTYPES, ConversionError, load_hf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,8 +31,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llada_jax import sharding as sharding_lib
-from llada_jax.config import ModelConfig
-from llada_jax.modeling import LLaDAModel
+from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import LLaDAModel
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

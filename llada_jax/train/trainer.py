@@ -23,12 +23,16 @@ from flax import nnx
 
 from data_pipeline import loader as data_loader
 from data_pipeline import records
-from llada_jax import checkpoint_io, configlib, optim, sharding, train_config, train_step
-from llada_jax.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_shardings
-from llada_jax.config import ModelConfig
-from llada_jax.configlib import ConfigError
-from llada_jax.metrics_log import MetricsLogger
-from llada_jax.modeling import LLaDAModel
+from llada_jax import checkpoints
+from llada_jax import sharding
+from llada_jax.train import config as train_config
+from llada_jax.train import optim
+from llada_jax.train import train_step
+from llada_jax.train.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_shardings
+from llada_jax.model.config import ModelConfig
+from llada_jax.train.config import ConfigError
+from llada_jax.train.metrics_writer import MetricsLogger
+from llada_jax.model.modeling import LLaDAModel
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = configlib.load_config(args.config, args.extra)
+        config = train_config.load_config(args.config, args.extra)
         maybe_initialize_distributed(args)
         trainer = Trainer(config, args.workdir, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:  # config, checkpoint or data the user must fix
@@ -133,7 +137,7 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
         raise ConfigError("config field model.init is empty: pass --config.model.init=CKPT (a "
                           "params checkpoint from `llada-jax import-hf`), or \"random\"")
     if m.init != "random":
-        cfg = checkpoint_io.load_config(m.init, **train_config.run_settings(config))
+        cfg = checkpoints.load_config(m.init, **train_config.run_settings(config))
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model.init={m.init} has vocab_size {cfg.vocab_size} but the data "
                               f"uses student token ids up to {vocab_size - 1}: wrong checkpoint "
@@ -185,7 +189,7 @@ class Trainer:
                 return train_step.init_train_state(nnx.state(model, nnx.Param), self.optimizer)
             with jax.set_mesh(self.mesh):
                 return jax.jit(init, out_shardings=self.state_sharding)()
-        _, model = checkpoint_io.load_params(m.init, mesh=self.mesh, rules=self.rules,
+        _, model = checkpoints.load_params(m.init, mesh=self.mesh, rules=self.rules,
                                              dtype=self.model_cfg.param_dtype)
         return jax.jit(lambda p: train_step.init_train_state(p, self.optimizer),
                        out_shardings=self.state_sharding)(nnx.state(model, nnx.Param))
@@ -268,7 +272,7 @@ class Trainer:
 
     def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
         """Periodic held-out metrics under the drafting condition (evaluate.py)."""
-        from llada_jax import evaluate
+        from llada_jax.eval import evaluate
 
         results = evaluate.evaluate_state(self, state, max_batches=self.config.train.eval_batches)
         if results:

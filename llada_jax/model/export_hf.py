@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llada_jax.checkpoint_io import CheckpointError, load_params
-from llada_jax.config import ConfigError
-from llada_jax.params import DTYPES, ConversionError, parse_size, save_hf
+from llada_jax.checkpoints import CheckpointError, load_params
+from llada_jax.model.config import ConfigError
+from llada_jax.model.params import DTYPES, ConversionError, parse_size, save_hf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,9 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
 
-from llada_jax import sharding, train_config, train_step
-from llada_jax.checkpointing import with_shardings
-from llada_jax.config import ModelConfig
+from llada_jax import sharding
+
+from llada_jax.train import config as train_config
+
+from llada_jax.train import train_step
+from llada_jax.train.checkpointing import with_shardings
+from llada_jax.model.config import ModelConfig
 
 GIB = 1024 ** 3
 # Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llada_jax import splash
-from llada_jax.config import ModelConfig
+from llada_jax.model import splash
+from llada_jax.model.config import ModelConfig
 from llada_jax.sharding import constrain
 
 # Block parameters: name -> logical axes after 'layers'. Shapes in LLaDAModel.__init__.

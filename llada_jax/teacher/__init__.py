@@ -1,0 +1,1 @@
+"""The causal teacher: generation of teacher distributions (seed format) from prompts."""

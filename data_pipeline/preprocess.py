@@ -29,10 +29,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
+import tqdm
+
 from data_pipeline import records, worker
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.reader import RecordSpan, expand_inputs, iter_record_spans
-from data_pipeline.report import Report
+from data_pipeline.report import Report, human_summary
+
+PROGRESS_MIN_BYTES = 64 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("read", "written", "skipped", "coverage",
                                       "bytes_per_response_token") if k in report}
     print(json.dumps(summary, indent=2))
+    print(human_summary(report, os.path.join(args.out, records.NAME, records.VERSION)),
+          file=sys.stderr)
     return 0 if report["written"] else 1
 
 
@@ -87,18 +93,21 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     start = time.time()
     summary: dict = {}
 
+    input_bytes = sum(os.path.getsize(f) for f in files)
+
     def examples() -> Iterator[tuple[str, dict]]:
-        spans = (s for f in files for s in iter_record_spans(f))
-        for result in _convert_all(spans, opts, converter, workers, in_flight_bytes):
-            report.add(result)
-            if result.example is not None:
-                yield result.split, result.example
+        with _progress(input_bytes) as bar:
+            spans = _counted((s for f in files for s in iter_record_spans(f)), bar)
+            for result in _convert_all(spans, opts, converter, workers, in_flight_bytes):
+                report.add(result)
+                bar.set_postfix_str(f"{report.read} records", refresh=False)
+                if result.example is not None:
+                    yield result.split, result.example
 
     def on_complete(data_dir: str, counts: dict[str, int]) -> None:
         shards = glob.glob(os.path.join(data_dir, "*.array_record*"))
         shard_bytes = sum(os.path.getsize(p) for p in shards)
         seconds = time.time() - start
-        input_bytes = sum(os.path.getsize(f) for f in files)
         summary.update(report.finish(data_dir, shard_bytes, {
             "vocab_matched_pct": converter.vocab_matched_pct(),
             "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
@@ -120,6 +129,20 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
         raise
     shutil.rmtree(previous, ignore_errors=True)
     return summary
+
+
+def _progress(input_bytes: int) -> tqdm.tqdm:
+    """A progress bar (input MB and MB/s, records) on stderr for inputs worth watching, only
+    when stderr is a terminal (a log file would fill with carriage-return updates)."""
+    show = sys.stderr.isatty() and input_bytes >= PROGRESS_MIN_BYTES
+    return tqdm.tqdm(total=input_bytes, unit="B", unit_scale=True, desc="preprocess",
+                     disable=not show, mininterval=1.0, file=sys.stderr)
+
+
+def _counted(spans: Iterator[RecordSpan], bar: tqdm.tqdm) -> Iterator[RecordSpan]:
+    for span in spans:
+        bar.update(span.end - span.start)
+        yield span
 
 
 def _metadata(opts: Options, converter: Converter) -> dict:

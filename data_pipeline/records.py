@@ -66,6 +66,14 @@ class TeacherTargets(tfds.core.DatasetBuilder):
         self._examples, self._metadata, self._on_complete = examples, metadata, on_complete
         super().__init__(data_dir=data_dir)
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # lines; nothing is downloaded here and preprocess prints its own summary.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self, description=__doc__, features=FEATURES,

@@ -1,6 +1,7 @@
 """The preprocessing report: counts by outcome, coverage, storage cost; and the skip listing.
 
-report.json: {read, written, written_per_split, skipped: {reason: count}, repaired: {truncated},
+report.json: {read, written, written_per_split, skipped: {reason: count}, first_skip: {reason:
+{file, index, detail} of the first record skipped for it}, repaired: {truncated},
 coverage: {vocab_matched_pct, positions_kept_pct, teacher_positions_aligned_pct,
 teacher_mass_kept_pct}, bytes_per_response_token, ...}; skipped.jsonl: one {file, index, reason,
 detail} per skipped record. `read == written + sum(skipped)` is asserted before anything is saved.
@@ -19,6 +20,7 @@ import json
 import os
 
 from data_pipeline.convert import Result
+from data_pipeline.validate import FIXES, REASONS
 
 
 class Report:
@@ -26,6 +28,7 @@ class Report:
         self.read = 0
         self.written = collections.Counter()
         self.skipped = collections.Counter()
+        self.first_skip: dict[str, dict] = {}  # reason -> the first record skipped for it
         self.totals = collections.Counter()
         self.skipped_path = skipped_path
         self._skipped_file = open(skipped_path, "w", encoding="utf-8")
@@ -37,9 +40,10 @@ class Report:
             self.totals.update(result.stats)
         else:
             self.skipped[result.reason] += 1
-            self._skipped_file.write(json.dumps(
-                {"file": result.file, "index": result.index, "reason": result.reason,
-                 "detail": result.detail}) + "\n")
+            entry = {"file": result.file, "index": result.index, "reason": result.reason,
+                     "detail": result.detail}
+            self.first_skip.setdefault(result.reason, entry)
+            self._skipped_file.write(json.dumps(entry) + "\n")
 
     def finish(self, out_dir: str, shard_bytes: int, extra: dict) -> dict:
         """Moves the skip listing into `out_dir` and writes report.json there; returns it."""
@@ -55,6 +59,7 @@ class Report:
             "written": written,
             "written_per_split": dict(self.written),
             "skipped": dict(sorted(self.skipped.items())),
+            "first_skip": dict(sorted(self.first_skip.items())),
             "repaired": {"truncated": t["truncated"]},
             "coverage": {
                 "vocab_matched_pct": extra.pop("vocab_matched_pct", None)
@@ -74,3 +79,35 @@ class Report:
         with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         return report
+
+
+def human_summary(report: dict, dataset_dir: str) -> str:
+    """What a person reads at the end of a run (stderr): counts, why records were skipped, coverage,
+    storage, where the report and the skip listing are; and what to fix when nothing was written."""
+    skipped = sum(report["skipped"].values())
+    splits = ", ".join(f"{n} {s}" for s, n in sorted(report["written_per_split"].items()) if n)
+    lines = [f"preprocess: read {report['read']} records, wrote {report['written']} "
+             f"({splits or 'none'}), skipped {skipped}"]
+    by_count = sorted(report["skipped"].items(), key=lambda kv: (-kv[1], kv[0]))
+    for reason, n in by_count:
+        lines.append(f"  skipped {n} as {reason}: {REASONS[reason]}")
+    if by_count:
+        first = report["first_skip"][by_count[0][0]]
+        lines.append(f"  first {by_count[0][0]}: {first['file']} record {first['index']}: "
+                     f"{first['detail']}")
+    cov = report["coverage"]
+    if report["written"]:
+        lines.append("  coverage: " + ", ".join(
+            f"{name.removesuffix('_pct').replace('_', ' ')} {value:g}%"
+            for name, value in cov.items() if value is not None))
+        lines.append(f"  storage: {report['bytes_per_response_token']} bytes per response token "
+                     f"({report['bytes_on_disk'] / 2**20:.1f} MiB of shards)")
+    lines.append(f"  report: {os.path.join(dataset_dir, 'report.json')}; skipped records: "
+                 f"{os.path.join(dataset_dir, 'skipped.jsonl')}")
+    if not report["written"]:
+        reason = by_count[0][0] if by_count else None
+        fix = FIXES.get(reason, "see the details in skipped.jsonl")
+        lines.append("Nothing was written: " + (
+            f"every record was skipped, most as {reason}; {fix}." if reason
+            else "the inputs hold no records; check --input."))
+    return "\n".join(lines)

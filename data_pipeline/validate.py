@@ -45,6 +45,39 @@ REASONS = {
 }
 __doc__ += "\n".join(f"- {k}: {v}" for k, v in REASONS.items())
 
+# What a user can do about each reason (said when a run writes nothing).
+FIXES = {
+    "invalid_json": "check that the file was written completely (not truncated) as a JSON "
+                    "array or JSONL",
+    "non_utf8": "write the dump as UTF-8",
+    "wrong_type": "write the fields with the seed format's types (see the details)",
+    "missing_field": "every record needs prompt, response and logits entries with "
+                     "position, chosen_token, chosen_token_id and top_5 (or full_logits)",
+    "empty_response": "drop records with empty responses from the dump",
+    "duplicate_positions": "each logits entry needs its own position 0..n-1",
+    "unordered_positions": "write the logits entries in position order",
+    "missing_positions": "write one logits entry per response token, positions 0..n-1",
+    "non_finite_logits": "the teacher produced NaN/inf logits; regenerate those records",
+    "full_logits_wrong_length": "full_logits must hold one value per teacher vocabulary entry: "
+                                "pass the --teacher-tokenizer (or --teacher-vocab-size) of the "
+                                "model that wrote them, or regenerate the dump with full logits "
+                                "(a dump with truncated full_logits cannot be used; remove the "
+                                "field to train on the top-5 only)",
+    "token_id_out_of_range": "pass the teacher's --teacher-tokenizer or --teacher-vocab-size",
+    "chosen_token_mismatch": "pass the tokenizer that wrote the dump as --teacher-tokenizer",
+    "logits_shorter_than_response": "the dump has fewer teacher tokens than its response; "
+                                    "regenerate it with one logits entry per response token",
+    "logits_longer_than_response": "the dump has more teacher tokens than its response; "
+                                   "regenerate it with one logits entry per response token",
+    "teacher_tokens_mismatch_response": "the teacher tokens must spell the response; pass the "
+                                        "tokenizer that wrote the dump as --teacher-tokenizer",
+    "full_logits_need_teacher_tokenizer": "pass --teacher-tokenizer",
+    "over_length": "raise --max-length, or pass --overlength truncate",
+    "no_teacher_targets": "the two tokenizers never start a token at the same place; check "
+                          "--student-tokenizer and --teacher-tokenizer",
+}
+assert FIXES.keys() == REASONS.keys()
+
 
 class SkipRecord(Exception):
     def __init__(self, reason: str, detail: str):

@@ -21,11 +21,12 @@ import hashlib
 
 import numpy as np
 
-from data_pipeline import alignment, targets
+from data_pipeline import alignment, placeholders, targets
 from data_pipeline.reader import RawRecord
 from data_pipeline.validate import Entry, SkipRecord, TeacherRecord, parse_record
 
 NO_TOKENIZER_SCHEMES = ("plain", "byte_level", "sentencepiece")
+_NO_SPANS = np.zeros((0, 3), np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Options:
     teacher_vocab_size: int | None = None
     overlength: str = "skip"  # or "truncate"
     validation_fraction: float = 0.05
+    placeholders: tuple[tuple[str, str], ...] | None = None  # placeholders.load_map(MAP)
 
 
 @dataclasses.dataclass
@@ -66,6 +68,9 @@ class Converter:
         else:
             self.mode = "mapped"
             self.id_map = _fit(alignment.vocab_map(self.teacher, self.student), self.id_bound)
+        self.rewriter = placeholders.Rewriter(opts.placeholders, {
+            t.content for t in self.student.tokenizer.get_added_tokens_decoder().values()
+        }) if opts.placeholders else None
         self.length_hint = (
             "(the teacher vocabulary; pass --teacher-vocab-size if it is padded)" if self.id_bound
             else "(the student vocabulary: without --teacher-tokenizer the tokenizers are assumed "
@@ -80,7 +85,7 @@ class Converter:
     def convert(self, raw: RawRecord) -> Result:
         try:
             if raw.error:
-                raise SkipRecord("invalid_json", raw.error)
+                raise SkipRecord(raw.reason, raw.error)
             return self._convert(raw)
         except SkipRecord as skip:
             return Result(raw.file, raw.index, reason=skip.reason, detail=skip.detail)
@@ -91,15 +96,22 @@ class Converter:
     def _convert(self, raw: RawRecord) -> Result:
         rec = parse_record(raw.text, self._reduce_full, self.id_bound, self.full_length,
                            self.length_hint)
-        pieces, scheme = self._teacher_pieces(rec)
-        teacher_starts = _spell(pieces, rec.response.encode("utf-8"), scheme)
+        written = rec.response.encode("utf-8")
+        response, spans = self._rewrite(written)
+        pieces, scheme = self._teacher_pieces(rec, (response, written))
+        # --placeholders: the teacher's tokens spell the rewritten text or the text as written
+        # (it saw the markers); see placeholders.py.
+        saw_markers = len(spans) and not _spells(pieces, response, scheme)
+        teacher_starts = (placeholders.Rewriter.move_starts(_spell(pieces, written, scheme), spans)
+                          if saw_markers else _spell(pieces, response, scheme))
         identity = self._is_identity(rec, pieces, scheme)
-        prompt_ids, _ = self.student.encode(rec.prompt)
-        if identity:
+        prompt, prompt_spans = self._rewrite(rec.prompt.encode("utf-8"))
+        prompt_ids, _ = self.student.encode(prompt.decode("utf-8"))
+        if identity and not saw_markers:
             response_ids = np.asarray([e.chosen_id for e in rec.entries], np.int32)
             teacher_of = np.arange(len(rec.entries))
         else:
-            response_ids, student_starts = self.student.encode(rec.response)
+            response_ids, student_starts = self.student.encode(response.decode("utf-8"))
             teacher_of = alignment.align_positions(teacher_starts, student_starts)
         top5_ids = [self._top5_student_ids(e, scheme, identity) for e in rec.entries]
         per_position = [self._target(rec.entries[i], top5_ids[i]) if i >= 0 else None
@@ -107,10 +119,16 @@ class Converter:
         result = self._example(raw, rec, prompt_ids, response_ids, per_position)
         result.stats["top5_candidates"] = sum(len(ids) for ids in top5_ids)
         result.stats["top5_mapped"] = sum(int((ids >= 0).sum()) for ids in top5_ids)
+        result.stats["with_markers"] = int(bool(len(spans) or len(prompt_spans)))
         return result
 
-    def _teacher_pieces(self, rec: TeacherRecord) -> tuple[list[bytes], str]:
-        """The bytes of each teacher token, and the token-string scheme of this record."""
+    def _rewrite(self, text: bytes) -> tuple[bytes, np.ndarray]:
+        return self.rewriter.rewrite(text) if self.rewriter else (text, _NO_SPANS)
+
+    def _teacher_pieces(self, rec: TeacherRecord, responses: tuple[bytes, ...]
+                        ) -> tuple[list[bytes], str]:
+        """The bytes of each teacher token, and the token-string scheme of this record (the
+        first whose tokens spell one of `responses`: rewritten, as written)."""
         if self.teacher is not None:
             pieces = []
             ids = self.teacher.id_bytes
@@ -122,13 +140,12 @@ class Converter:
                                      f"{e.chosen_id} of the teacher tokenizer")
                 pieces.append(piece)
             return pieces, self.teacher.scheme
-        response = rec.response.encode("utf-8")
         best = None
         for scheme in NO_TOKENIZER_SCHEMES:
             pieces = [alignment.token_bytes(e.chosen_token, scheme) for e in rec.entries]
             if None in pieces:
                 continue
-            if _spells(pieces, response, scheme):
+            if any(_spells(pieces, r, scheme) for r in responses):
                 _check_consistent_ids(rec, scheme)
                 return pieces, scheme
             best = best or (pieces, scheme)

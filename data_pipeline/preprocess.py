@@ -31,16 +31,17 @@ from concurrent.futures import ProcessPoolExecutor
 
 import tqdm
 
-from data_pipeline import records, worker
+from data_pipeline import placeholders, records, worker
 from data_pipeline.convert import Converter, Options, Result
-from data_pipeline.reader import RecordSpan, expand_inputs, iter_record_spans
+from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, iter_record_spans
 from data_pipeline.report import Report, human_summary
 
 PROGRESS_MIN_BYTES = 64 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, help="JSON / JSONL files or globs")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSON / JSONL / CSV (prompt, response, logits_data) files or globs")
     p.add_argument("--out", required=True, help="dataset directory (TFDS data_dir)")
     p.add_argument("--student-tokenizer", required=True, help="local tokenizer.json or HF dir")
     p.add_argument("--teacher-tokenizer", help="local teacher tokenizer (needed for full_logits "
@@ -54,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.05)
     p.add_argument("--in-flight-mb", type=int, default=256,
                    help="raw JSON queued for the workers at once (at least one record)")
+    p.add_argument("--placeholders", metavar="MAP",
+                   help="rewrite the original's prompt markers (<BOS>, <eot_id>, ...) to student "
+                   f"special tokens: a preset ({', '.join(placeholders.PRESETS)}) or a JSON map "
+                   "file {marker: special token}; default: text as is")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
 
 
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         report = preprocess(
             expand_inputs(args.input), args.out,
             Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
-                    args.teacher_vocab_size, args.overlength, args.validation_fraction),
+                    args.teacher_vocab_size, args.overlength, args.validation_fraction,
+                    placeholders.load_map(args.placeholders) if args.placeholders else None),
             workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
             overwrite=args.overwrite)
     except ValueError as e:
@@ -82,6 +88,9 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     if opts.top_k < 1 or opts.max_length < 1:
         raise ValueError("--top-k and --max-length must be positive")
     converter = Converter(opts)  # validates the tokenizers before any worker starts
+    for f in files:
+        if is_csv(f):
+            csv_header(f)  # a CSV without the needed columns is a user error, before any work
     metadata = _metadata(opts, converter)
     final = os.path.join(out, records.NAME, records.VERSION)
     if os.path.isdir(final) and not overwrite:

@@ -13,14 +13,25 @@ Framing errors (a truncated file, unbalanced brackets, trailing garbage) are ret
 with an `error`, so they are counted and reported like any other bad record.
 
 JSONL (any file whose first non-blank byte is `{`): one record per non-blank line.
+
+CSV (a `.csv` file, as the original's generator writes them with Python's csv module): a header
+naming the columns `prompt`, `response` and `logits_data` (the JSON text of the seed format's
+`logits` list), then one record per row. Rows are framed by a quote-aware newline scan (a newline
+ends a row where the row holds an even number of `"`), in chunks; the worker parses its row with
+the csv module and hands on the record as seed-format JSON text, so a CSV record gets exactly
+the checks and skip reasons of a JSON one. A row that does not parse is `invalid_csv`.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
+import io
+import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 
 _STR = rb'"(?:[^"\\]++|\\.)*+"'
@@ -45,13 +56,19 @@ _STRING = re.compile(_STR, re.S)
 FULL_LOGITS_KEY = re.compile(rb'"full_logits"[ \t\r\n]*:[ \t\r\n]*\[')
 
 
+CSV_COLUMNS = ("prompt", "response", "logits_data")
+csv.field_size_limit(sys.maxsize)  # one full-logits row is megabytes of text
+
+
 @dataclasses.dataclass(frozen=True)
 class RawRecord:
-    """One framed record: raw JSON bytes, or a framing error (`text` None, `error` set)."""
+    """One framed record: raw JSON bytes, or a framing error (`text` None, `error` set, and the
+    skip reason it counts as)."""
     file: str
     index: int  # 0-based position of the record in its file
     text: bytes | None
     error: str | None = None
+    reason: str = "invalid_json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +80,18 @@ class RecordSpan:
     start: int
     end: int
     error: str | None = None
+    csv_columns: tuple[int, ...] | None = None  # a CSV row: where prompt, response, logits_data are
 
     def read(self) -> RawRecord:
         if self.error:
-            return RawRecord(self.file, self.index, None, self.error)
+            return RawRecord(self.file, self.index, None, self.error,
+                             "invalid_csv" if self.csv_columns else "invalid_json")
         with open(self.file, "rb") as f:
             f.seek(self.start)
-            return RawRecord(self.file, self.index, f.read(self.end - self.start))
+            text = f.read(self.end - self.start)
+        if self.csv_columns is None:
+            return RawRecord(self.file, self.index, text)
+        return _csv_record(self.file, self.index, text, self.csv_columns)
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -91,6 +113,9 @@ def iter_raw_records(path: str, chunk_bytes: int = 1 << 20) -> Iterator[RawRecor
 
 def iter_record_spans(path: str, chunk_bytes: int = 1 << 20) -> Iterator[RecordSpan]:
     """Yields where every record of one file lies, in order (framing errors included)."""
+    if is_csv(path):
+        yield from _iter_csv_rows(path, chunk_bytes)
+        return
     with open(path, "rb") as f:
         head = f.read(chunk_bytes)
         while _WS.match(head).end() == len(head) and (more := f.read(chunk_bytes)):
@@ -110,6 +135,72 @@ def _iter_lines(path: str, f) -> Iterator[RecordSpan]:
             yield RecordSpan(path, index, offset, offset + len(line))
             index += 1
         offset += len(line)
+
+
+def is_csv(path: str) -> bool:
+    return path.lower().endswith(".csv")
+
+
+def csv_header(path: str) -> tuple[tuple[int, ...], int]:
+    """(column index of prompt, response, logits_data; byte length of the header line) of a CSV
+    input. ValueError naming the file when the header lacks one of them."""
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        names = next(csv.reader([line.decode("utf-8-sig")]), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: the first line is not a CSV header ({e})") from None
+    missing = [c for c in CSV_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{path}: the CSV header {names} lacks {missing}; the columns must be "
+                         f"{', '.join(CSV_COLUMNS)} (logits_data: the JSON of the `logits` list)")
+    return tuple(names.index(c) for c in CSV_COLUMNS), len(line)
+
+
+def _iter_csv_rows(path: str, chunk_bytes: int) -> Iterator[RecordSpan]:
+    columns, start = csv_header(path)
+    index = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        buf, base, pos, quotes = b"", start, 0, 0  # pos: scanned up to; quotes: in the row so far
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                chunk = f.read(chunk_bytes)
+                quotes += buf.count(b'"', pos)
+                if not chunk:
+                    break
+                buf, base, pos = buf + chunk, base, len(buf)
+                continue
+            quotes += buf.count(b'"', pos, nl)
+            pos = nl + 1
+            if quotes % 2:
+                continue  # the newline is inside a quoted field
+            if buf[:pos].strip():
+                yield RecordSpan(path, index, base, base + pos, csv_columns=columns)
+                index += 1
+            buf, base, pos, quotes = buf[pos:], base + pos, 0, 0
+    if buf.strip():
+        error = "the file ends inside a quoted field (truncated?)" if quotes % 2 else None
+        yield RecordSpan(path, index, base, base + len(buf), error, csv_columns=columns)
+
+
+def _csv_record(path: str, index: int, text: bytes, columns: tuple[int, ...]) -> RawRecord:
+    """One CSV row -> the seed-format record `{"prompt", "response", "logits": logits_data}` as
+    JSON text (logits_data is inserted as written, so json judges it as in a JSON input)."""
+    try:
+        row = next(csv.reader(io.StringIO(text.decode("utf-8"), newline="")))
+    except UnicodeDecodeError as e:
+        return RawRecord(path, index, None, f"row {index}: byte {e.start}: {e.reason}", "non_utf8")
+    except csv.Error as e:
+        return RawRecord(path, index, None, f"row {index}: {e}", "invalid_csv")
+    if len(row) <= max(columns):
+        return RawRecord(path, index, None, f"row {index} has {len(row)} fields, the header "
+                         f"needs {max(columns) + 1}", "invalid_csv")
+    prompt, response, logits = (row[c] for c in columns)
+    return RawRecord(path, index, b"".join((
+        b'{"prompt": ', json.dumps(prompt).encode(), b', "response": ',
+        json.dumps(response).encode(), b', "logits": ', logits.encode(), b"}")))
 
 
 class _ArrayFramer:

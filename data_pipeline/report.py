@@ -2,7 +2,8 @@
 
 report.json: {read, written, written_per_split, skipped: {reason: count}, first_skip: {reason:
 {file, index, detail} of the first record skipped for it}, repaired: {truncated},
-coverage: {vocab_matched_pct, positions_kept_pct, teacher_positions_aligned_pct,
+written_with_placeholder_markers (records whose prompt or response had a --placeholders
+marker), coverage: {vocab_matched_pct, positions_kept_pct, teacher_positions_aligned_pct,
 teacher_mass_kept_pct}, bytes_per_response_token, ...}; skipped.jsonl: one {file, index, reason,
 detail} per skipped record. `read == written + sum(skipped)` is asserted before anything is saved.
 
@@ -69,6 +70,7 @@ class Report:
                                                      t["teacher_positions"]),
                 "teacher_mass_kept_pct": pct(t["mass_kept"], t["target_positions"]),
             },
+            "written_with_placeholder_markers": t["with_markers"],
             "response_tokens": t["response_tokens"],
             "target_positions": t["target_positions"],
             "bytes_on_disk": shard_bytes,

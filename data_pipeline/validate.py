@@ -23,6 +23,7 @@ from data_pipeline.targets import Target
 
 REASONS = {
     "invalid_json": "not valid JSON (truncated file, trailing garbage, unbalanced brackets)",
+    "invalid_csv": "a CSV row that does not parse (unbalanced quotes, too few fields)",
     "non_utf8": "bytes that are not UTF-8, or lone surrogate escapes in a string",
     "wrong_type": "a field has the wrong JSON type",
     "missing_field": "a required field is absent",
@@ -49,6 +50,8 @@ __doc__ += "\n".join(f"- {k}: {v}" for k, v in REASONS.items())
 FIXES = {
     "invalid_json": "check that the file was written completely (not truncated) as a JSON "
                     "array or JSONL",
+    "invalid_csv": "write the CSV with Python's csv module (columns prompt, response, "
+                   "logits_data), completely",
     "non_utf8": "write the dump as UTF-8",
     "wrong_type": "write the fields with the seed format's types (see the details)",
     "missing_field": "every record needs prompt, response and logits entries with "

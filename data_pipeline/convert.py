@@ -39,6 +39,7 @@ class Options:
     overlength: str = "skip"  # or "truncate"
     validation_fraction: float = 0.05
     placeholders: tuple[tuple[str, str], ...] | None = None  # placeholders.load_map(MAP)
+    record_format: int = 2  # records.FORMATS
 
 
 @dataclasses.dataclass

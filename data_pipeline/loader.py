@@ -46,6 +46,7 @@ class DatasetMeta:
     alignment_mode: str
     num_examples: dict[str, int]
     options: dict
+    record_format: int = 1  # records.FORMATS; datasets written before formats had none
 
 
 def read_metadata(data_dir: str) -> DatasetMeta:
@@ -53,7 +54,7 @@ def read_metadata(data_dir: str) -> DatasetMeta:
     m = info.metadata
     return DatasetMeta(int(m["top_k"]), int(m["max_length"]), int(m["student_vocab_size"]),
                        m["alignment_mode"], {s: info.splits[s].num_examples for s in info.splits},
-                       dict(m["options"]))
+                       dict(m["options"]), int(m.get("record_format", 1)))
 
 
 def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,

@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rewrite the original's prompt markers (<BOS>, <eot_id>, ...) to student "
                    f"special tokens: a preset ({', '.join(placeholders.PRESETS)}) or a JSON map "
                    "file {marker: special token}; default: text as is")
+    p.add_argument("--record-format", type=int, choices=records.FORMATS, default=2,
+                   help="2: quantised top-k (codec.py, ~2.x bytes a slot); 1: float32 + int32")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
 
 
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             expand_inputs(args.input), args.out,
             Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
                     args.teacher_vocab_size, args.overlength, args.validation_fraction,
-                    placeholders.load_map(args.placeholders) if args.placeholders else None),
+                    placeholders.load_map(args.placeholders) if args.placeholders else None,
+                    args.record_format),
             workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
             overwrite=args.overwrite)
     except ValueError as e:
@@ -87,6 +90,8 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     """Builds (or reuses) the dataset under `out`; returns the report dict."""
     if opts.top_k < 1 or opts.max_length < 1:
         raise ValueError("--top-k and --max-length must be positive")
+    if opts.record_format not in records.FORMATS:
+        raise ValueError(f"record format {opts.record_format}: expected one of {records.FORMATS}")
     converter = Converter(opts)  # validates the tokenizers before any worker starts
     for f in files:
         if is_csv(f):
@@ -155,7 +160,8 @@ def _counted(spans: Iterator[RecordSpan], bar: tqdm.tqdm) -> Iterator[RecordSpan
 
 
 def _metadata(opts: Options, converter: Converter) -> dict:
-    return {"options": dataclasses.asdict(opts), "top_k": opts.top_k,
+    return {"options": dataclasses.asdict(opts), "record_format": opts.record_format,
+            "top_k": opts.top_k,
             "max_length": opts.max_length, "alignment_mode": converter.mode,
             "student_vocab_size": len(converter.student)}
 

@@ -30,21 +30,37 @@ from tensorflow_datasets.core import example_serializer, naming
 from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.core.utils.lazy_imports_utils import array_record_module
 
+from data_pipeline import codec
+
 NAME = "teacher_targets"
 VERSION = "1.0.0"
 SPLITS = ("train", "validation")
 SHARD_BYTES = 256 << 20
 
+# The record format (metadata key "record_format"; absent = 1): 1 stores teacher_ids and
+# teacher_logprobs as above; 2 (the default) stores them as codec.py encodes them. Both read back
+# (open_split) as format 1's arrays.
+FORMATS = (1, 2)
 _T, _BYTES = tfds.features.Tensor, tfds.features.Encoding.BYTES
-FEATURES = tfds.features.FeaturesDict({
+_COMMON = {
     "tokens": _T(shape=(None,), dtype=np.int32, encoding=_BYTES),
     "prompt_length": _T(shape=(), dtype=np.int32),
     "target_mask_bits": _T(shape=(None,), dtype=np.uint8, encoding=_BYTES),
-    "teacher_ids": _T(shape=(None, None), dtype=np.int32, encoding=_BYTES),
-    "teacher_logprobs": _T(shape=(None, None), dtype=np.float32, encoding=_BYTES),
     "tail_known": _T(shape=(), dtype=np.bool_),
     "example_id": tfds.features.Text(),
-})
+}
+FEATURES = {
+    1: tfds.features.FeaturesDict({
+        **_COMMON,
+        "teacher_ids": _T(shape=(None, None), dtype=np.int32, encoding=_BYTES),
+        "teacher_logprobs": _T(shape=(None, None), dtype=np.float32, encoding=_BYTES)}),
+    2: tfds.features.FeaturesDict({
+        **_COMMON,
+        "teacher_id_gaps": _T(shape=(None,), dtype=np.uint8, encoding=_BYTES),
+        "teacher_q": _T(shape=(None, None), dtype=np.uint8, encoding=_BYTES),
+        "teacher_step": _T(shape=(None,), dtype=np.float32, encoding=_BYTES),
+        "teacher_logmass": _T(shape=(None,), dtype=np.float32, encoding=_BYTES)}),
+}
 
 
 def target_mask(example: dict) -> np.ndarray:
@@ -64,6 +80,7 @@ class TeacherTargets(tfds.core.DatasetBuilder):
     def __init__(self, *, data_dir: str, examples: Callable[[], Iterator[tuple[str, dict]]],
                  metadata: dict, on_complete: Callable[[str, dict[str, int]], None]):
         self._examples, self._metadata, self._on_complete = examples, metadata, on_complete
+        self._format = metadata.get("record_format", 1)
         super().__init__(data_dir=data_dir)
 
     # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
@@ -76,15 +93,20 @@ class TeacherTargets(tfds.core.DatasetBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description=__doc__, features=FEATURES,
+            builder=self, description=__doc__, features=FEATURES[self._format],
             metadata=tfds.core.MetadataDict(self._metadata))
 
     def _download_and_prepare(self, dl_manager, download_config=None):
         del dl_manager, download_config
-        serializer = example_serializer.ExampleSerializer(FEATURES.get_serialized_info())
+        features = FEATURES[self._format]
+        serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
         writers = {s: _SplitWriter(self.data_dir, self.name, s) for s in SPLITS}
         for split, example in self._examples():
-            writers[split].write(serializer.serialize_example(FEATURES.encode_example(example)))
+            if self._format == 2:
+                example = dict(example)
+                example.update(codec.encode(example.pop("teacher_ids"),
+                                            example.pop("teacher_logprobs")))
+            writers[split].write(serializer.serialize_example(features.encode_example(example)))
         self.info.set_splits(splits_lib.SplitDict([w.close() for w in writers.values()]))
         self._on_complete(self.data_dir, {s: w.count for s, w in writers.items()})
 
@@ -146,8 +168,27 @@ def read_info(data_dir: str) -> tfds.core.DatasetInfo:
 
 
 def open_split(data_dir: str, split: str):
-    """Random-access source of decoded examples (dicts of numpy arrays) for one split."""
+    """Random-access source of decoded examples (dicts of numpy arrays, format 1's layout
+    whatever the dataset's record format) for one split."""
     builder = tfds.builder_from_directory(dataset_dir(data_dir))
     if builder.info.splits[split].num_examples == 0:
         return []
-    return builder.as_data_source(split=split)
+    source = builder.as_data_source(split=split)
+    return _Decoded(source) if "teacher_q" in builder.info.features else source
+
+
+class _Decoded:
+    """A format 2 data source read as format 1 examples (len / getitem, as grain wants)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.source[index])
+        example["teacher_ids"], example["teacher_logprobs"] = codec.decode(
+            {k: example.pop(k) for k in ("teacher_id_gaps", "teacher_q", "teacher_step",
+                                          "teacher_logmass")})
+        return example

@@ -14,6 +14,10 @@ from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
 from tests.data_helpers import make_tokenizers, teacher_record, write_json
 
+# These tests check the targets' computation to float32 precision, so they store float32
+# (record format 1); format 2's quantisation is checked against it in test_data_codec.py.
+EXACT = 1
+
 
 def _dense_logprobs(logits):
     x = np.asarray(logits, np.float64)
@@ -141,7 +145,7 @@ def test_stored_targets_match_dense_reference_across_tokenizers(tmp_path, worker
     vocab = t_tok.get_vocab_size(with_added_tokens=True) + pad
     report = preprocess([path], str(tmp_path / "out"),
                         Options(sdir, tdir, 64, top_k, vocab if pad else None,
-                                validation_fraction=0.0), workers=workers)
+                                validation_fraction=0.0, record_format=EXACT), workers=workers)
     assert (report["read"], report["written"]) == (4, 4)
     by_id = {_example_id(r): r for r in recs}
     src = records.open_split(str(tmp_path / "out"), "train")
@@ -176,7 +180,8 @@ def test_identical_tokenizers_give_exact_identity(tmp_path):
     path = write_json(str(tmp_path / "in.jsonl"), [rec], jsonl=True)
     for teacher in (tdir, None):  # given, or assumed (and verified on the record)
         out = str(tmp_path / f"out{teacher is None}")
-        report = preprocess([path], out, Options(tdir, teacher, 64, 4, validation_fraction=0.0))
+        report = preprocess([path], out, Options(tdir, teacher, 64, 4, validation_fraction=0.0,
+                                                          record_format=EXACT))
         assert report["coverage"]["positions_kept_pct"] == 100.0
         ex = records.open_split(out, "train")[0]
         plen = ex["prompt_length"]
@@ -203,7 +208,7 @@ def test_identity_with_padded_teacher_vocab(tmp_path):
     path = write_json(str(tmp_path / "in.json"), [full, top5])
     out = str(tmp_path / "out")
     report = preprocess([path], out, Options(tdir, tdir, 64, 4, vocab + pad,
-                                             validation_fraction=0.0))
+                                             validation_fraction=0.0, record_format=EXACT))
     assert report["written"] == 2 and report["alignment_mode"] == "identity"
     src = records.open_split(out, "train")
     examples = {src[i]["example_id"].decode(): src[i] for i in range(2)}

@@ -7,6 +7,10 @@ float32 [L, V_teacher] tensor per example, torch.save of the list). Each run is 
 subprocess; peak RSS is ru_maxrss of the main process and of its largest worker (the workers
 run at the same time, so main + W x worker bounds the total).
 
+Before the runs it measures, on one `full_logits` list of V_teacher floats as Python's json.dumps
+writes them, the bare parse rate of the kept parsers (simdjson is what fast_logits uses), so the
+per-worker rate of ours (input MiB/s / workers) can be set against it (goal: >= 70% at 128256).
+
     python bench/preprocess.py [--sizes-mb 1024,2048] [--teacher-vocab 32000] [--workers 2]
 """
 
@@ -60,11 +64,44 @@ def run_side(args) -> dict:
     return result
 
 
+def bare_parse_rates(vocab: int, repeats: int = 10) -> dict[str, float]:
+    """MiB/s of each kept parser on one full_logits list (best of `repeats`)."""
+    import json
+
+    import msgspec
+    import numpy as np
+    import orjson
+    import simdjson
+
+    text = json.dumps(np.random.default_rng(0).normal(0, 3, vocab).tolist()).encode()
+    parser = simdjson.Parser()
+    parsers = {
+        "simdjson (as_buffer -> float64)": lambda: np.frombuffer(
+            parser.parse(text).as_buffer(of_type="d"), np.float64),
+        "orjson (list)": lambda: orjson.loads(text),
+        "msgspec (list)": lambda: msgspec.json.decode(text),
+        "json (list)": lambda: json.loads(text),
+    }
+    rates = {}
+    for name, parse in parsers.items():
+        best = float("inf")
+        for _ in range(repeats if not name.startswith("json") else 2):
+            t = time.perf_counter()
+            parse()
+            best = min(best, time.perf_counter() - t)
+        rates[name] = len(text) / 2**20 / best
+    return rates
+
+
 def main() -> None:
     args = parse_args()
     if args.side:
         benchlib.emit(run_side(args))
         return
+    bare = bare_parse_rates(args.teacher_vocab)
+    print(f"bare parse of one full_logits list ({args.teacher_vocab} floats): " + ", ".join(
+        f"{name} {rate:.0f} MiB/s" for name, rate in bare.items()))
+    kept = bare["simdjson (as_buffer -> float64)"]
     sizes = [float(s) for s in args.sizes_mb.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or tmp
@@ -95,6 +132,11 @@ def main() -> None:
                 print(f"  [{side}] {r['seconds']:.1f} s: {rates[side, size]:.2f} examples/s, "
                       f"{mib / r['seconds']:.1f} MiB/s; peak RSS {r['peak_rss_mib']:.0f} MiB"
                       f"{workers}; {r['load']}")
+                if side == "ours":
+                    per_worker = mib / r["seconds"] / args.workers
+                    print(f"  [ours] per worker {per_worker:.1f} MiB/s = "
+                          f"{100 * per_worker / kept:.0f}% of simdjson's bare parse rate "
+                          f"(goal >= 70%)")
                 shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.remove(out)
             os.remove(src)
             if ("original", size) in rates:

@@ -37,6 +37,7 @@ from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, 
 from data_pipeline.report import Report, human_summary
 
 PROGRESS_MIN_BYTES = 64 << 20
+BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "file {marker: special token}; default: text as is")
     p.add_argument("--record-format", type=int, choices=records.FORMATS, default=2,
                    help="2: quantised top-k (codec.py, ~2.x bytes a slot); 1: float32 + int32")
+    p.add_argument("--beam-runner", choices=BEAM_RUNNERS,
+                   help="run the conversion as an Apache Beam pipeline on this runner (the "
+                   "[beam] extra); --workers is then the runner's business")
+    p.add_argument("--beam-options", default="",
+                   help='Beam pipeline options, e.g. "--project P --region R --temp_location '
+                   'gs://B/tmp" or "--direct_num_workers 2 --direct_running_mode '
+                   'multi_processing"')
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
 
 
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                     placeholders.load_map(args.placeholders) if args.placeholders else None,
                     args.record_format),
             workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, beam_runner=args.beam_runner,
+            beam_options=args.beam_options)
     except ValueError as e:
         print(f"preprocess: {e}", file=sys.stderr)
         return 2
@@ -86,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
-               in_flight_bytes: int = 256 << 20, overwrite: bool = False) -> dict:
-    """Builds (or reuses) the dataset under `out`; returns the report dict."""
+               in_flight_bytes: int = 256 << 20, overwrite: bool = False,
+               beam_runner: str | None = None, beam_options: str = "") -> dict:
+    """Builds (or reuses) the dataset under `out`; returns the report dict. With `beam_runner`
+    the conversion runs as a Beam pipeline (beam_pipeline.py) instead of local workers."""
     if opts.top_k < 1 or opts.max_length < 1:
         raise ValueError("--top-k and --max-length must be positive")
     if opts.record_format not in records.FORMATS:
@@ -106,8 +117,14 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     report = Report(os.path.join(out, f".skipped-{os.getpid()}.jsonl"))
     start = time.time()
     summary: dict = {}
-
     input_bytes = sum(os.path.getsize(f) for f in files)
+
+    def extra() -> dict:
+        seconds = time.time() - start
+        return {"vocab_matched_pct": converter.vocab_matched_pct(),
+                "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
+                "input_mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 2),
+                "workers": workers, "beam_runner": beam_runner, "metadata": metadata}
 
     def examples() -> Iterator[tuple[str, dict]]:
         with _progress(input_bytes) as bar:
@@ -121,12 +138,7 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     def on_complete(data_dir: str, counts: dict[str, int]) -> None:
         shards = glob.glob(os.path.join(data_dir, "*.array_record*"))
         shard_bytes = sum(os.path.getsize(p) for p in shards)
-        seconds = time.time() - start
-        summary.update(report.finish(data_dir, shard_bytes, {
-            "vocab_matched_pct": converter.vocab_matched_pct(),
-            "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
-            "input_mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 2),
-            "workers": workers, "metadata": metadata}))
+        summary.update(report.finish(data_dir, shard_bytes, extra()))
         assert counts == {s: summary["written_per_split"].get(s, 0) for s in records.SPLITS}
 
     # --overwrite: the old dataset stays (renamed aside) until the new one is complete.
@@ -134,15 +146,30 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     if os.path.isdir(final):
         os.rename(final, previous)
     try:
-        builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
-                                         on_complete=on_complete)
-        builder.download_and_prepare(file_format="array_record")
+        if beam_runner:
+            summary = _beam_pipeline().run_beam(files, out, opts, metadata, beam_runner,
+                                             beam_options, extra)
+        else:
+            builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
+                                             on_complete=on_complete)
+            builder.download_and_prepare(file_format="array_record")
     except BaseException:
+        report.close()
         if os.path.isdir(previous):
             os.rename(previous, final)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+    report.close()
     return summary
+
+
+def _beam_pipeline():
+    try:
+        from data_pipeline import beam_pipeline
+    except ImportError as e:
+        raise ValueError(f"--beam-runner needs Apache Beam ({e}): pip install 'llada-jax[beam]'"
+                         ) from None
+    return beam_pipeline
 
 
 def _progress(input_bytes: int) -> tqdm.tqdm:

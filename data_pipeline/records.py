@@ -69,19 +69,26 @@ def target_mask(example: dict) -> np.ndarray:
     return np.unpackbits(example["target_mask_bits"], count=n).astype(bool)
 
 
-class TeacherTargets(tfds.core.DatasetBuilder):
-    """Builds the dataset from `examples()`: an iterator of (split, example dict)."""
+def stored(example: dict, record_format: int) -> dict:
+    """A converted example (format 1's arrays) -> what the dataset stores in `record_format`."""
+    if record_format == 1:
+        return example
+    example = dict(example)
+    example.update(codec.encode(example.pop("teacher_ids"), example.pop("teacher_logprobs")))
+    return example
+
+
+class TeacherTargetsInfo:
+    """What both builders share (this one and beam_pipeline's): name, version, features by
+    `metadata["record_format"]`, metadata, and no TFDS download chatter."""
 
     VERSION = tfds.core.Version(VERSION)
     # No checksums/metadata files live next to this code; without this TFDS looks for them via
     # the optional `importlib_resources` package.
     code_path = None
 
-    def __init__(self, *, data_dir: str, examples: Callable[[], Iterator[tuple[str, dict]]],
-                 metadata: dict, on_complete: Callable[[str, dict[str, int]], None]):
-        self._examples, self._metadata, self._on_complete = examples, metadata, on_complete
-        self._format = metadata.get("record_format", 1)
-        super().__init__(data_dir=data_dir)
+    def _setup(self, metadata: dict) -> None:
+        self._metadata, self._format = metadata, metadata.get("record_format", 1)
 
     # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
     # lines; nothing is downloaded here and preprocess prints its own summary.
@@ -96,17 +103,24 @@ class TeacherTargets(tfds.core.DatasetBuilder):
             builder=self, description=__doc__, features=FEATURES[self._format],
             metadata=tfds.core.MetadataDict(self._metadata))
 
+
+class TeacherTargets(TeacherTargetsInfo, tfds.core.DatasetBuilder):
+    """Builds the dataset from `examples()`: an iterator of (split, example dict)."""
+
+    def __init__(self, *, data_dir: str, examples: Callable[[], Iterator[tuple[str, dict]]],
+                 metadata: dict, on_complete: Callable[[str, dict[str, int]], None]):
+        self._examples, self._on_complete = examples, on_complete
+        self._setup(metadata)
+        super().__init__(data_dir=data_dir)
+
     def _download_and_prepare(self, dl_manager, download_config=None):
         del dl_manager, download_config
         features = FEATURES[self._format]
         serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
         writers = {s: _SplitWriter(self.data_dir, self.name, s) for s in SPLITS}
         for split, example in self._examples():
-            if self._format == 2:
-                example = dict(example)
-                example.update(codec.encode(example.pop("teacher_ids"),
-                                            example.pop("teacher_logprobs")))
-            writers[split].write(serializer.serialize_example(features.encode_example(example)))
+            example = features.encode_example(stored(example, self._format))
+            writers[split].write(serializer.serialize_example(example))
         self.info.set_splits(splits_lib.SplitDict([w.close() for w in writers.values()]))
         self._on_complete(self.data_dir, {s: w.count for s, w in writers.items()})
 

@@ -25,14 +25,21 @@ from data_pipeline.validate import FIXES, REASONS
 
 
 class Report:
-    def __init__(self, skipped_path: str):
+    """The counts of a run, and its skip listing written to `skipped_path` as records come.
+
+    Without a path it only counts: the Beam route (beam_pipeline.py) counts per worker and
+    `merge`s, with `file_order` (input file -> its position) to find the first skip in input
+    order."""
+
+    def __init__(self, skipped_path: str | None = None, file_order: dict[str, int] | None = None):
         self.read = 0
         self.written = collections.Counter()
         self.skipped = collections.Counter()
         self.first_skip: dict[str, dict] = {}  # reason -> the first record skipped for it
         self.totals = collections.Counter()
         self.skipped_path = skipped_path
-        self._skipped_file = open(skipped_path, "w", encoding="utf-8")
+        self.file_order = file_order or {}
+        self._skipped_file = open(skipped_path, "w", encoding="utf-8") if skipped_path else None
 
     def add(self, result: Result) -> None:
         self.read += 1
@@ -44,15 +51,43 @@ class Report:
             entry = {"file": result.file, "index": result.index, "reason": result.reason,
                      "detail": result.detail}
             self.first_skip.setdefault(result.reason, entry)
-            self._skipped_file.write(json.dumps(entry) + "\n")
+            if self._skipped_file:
+                self._skipped_file.write(json.dumps(entry) + "\n")
+
+    def merge(self, other: "Report") -> "Report":
+        self.read += other.read
+        self.written.update(other.written)
+        self.skipped.update(other.skipped)
+        self.totals.update(other.totals)
+        for reason, entry in other.first_skip.items():
+            mine = self.first_skip.get(reason)
+            if mine is None or self._order(entry) < self._order(mine):
+                self.first_skip[reason] = entry
+        return self
+
+    def _order(self, entry: dict) -> tuple[int, int]:
+        return self.file_order.get(entry["file"], 0), entry["index"]
+
+    def close(self) -> None:
+        """Closes and removes an unused skip listing (a Beam run writes its own)."""
+        if self._skipped_file and not self._skipped_file.closed:
+            self._skipped_file.close()
+            os.remove(self.skipped_path)
 
     def finish(self, out_dir: str, shard_bytes: int, extra: dict) -> dict:
         """Moves the skip listing into `out_dir` and writes report.json there; returns it."""
         self._skipped_file.close()
+        report = self.build(shard_bytes, extra)
+        os.replace(self.skipped_path, os.path.join(out_dir, "skipped.jsonl"))
+        with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        return report
+
+    def build(self, shard_bytes: int, extra: dict) -> dict:
+        """The report.json dict; checks read = written + skipped."""
         written = sum(self.written.values())
         assert self.read == written + sum(self.skipped.values()), (self.read, self.written,
                                                                     self.skipped)
-        os.replace(self.skipped_path, os.path.join(out_dir, "skipped.jsonl"))
         t = self.totals
         pct = lambda a, b: round(100.0 * a / b, 3) if b else None  # noqa: E731
         report = {
@@ -78,8 +113,6 @@ class Report:
                                          if t["response_tokens"] else None),
             **extra,
         }
-        with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
         return report
 
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_pipeline import fileio
+
 SCHEMES = ("plain", "byte_level", "sentencepiece")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -56,7 +58,9 @@ def token_bytes(token: str, scheme: str) -> bytes | None:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """A local tokenizer: a tokenizer.json file, or a directory holding one or a HF tokenizer."""
+    """A tokenizer.json file, or a directory holding one or a HF tokenizer (a bucket path is
+    copied to a local temporary directory first: see fileio)."""
+    path = fileio.local_copy(path)
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if os.path.isfile(file):
         return Tokenizer.from_file(file)

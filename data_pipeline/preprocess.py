@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import tqdm
 
-from data_pipeline import placeholders, records, worker
+from data_pipeline import fileio, placeholders, records, worker
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, iter_record_spans
 from data_pipeline.report import Report, human_summary
@@ -109,15 +109,10 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
             csv_header(f)  # a CSV without the needed columns is a user error, before any work
     metadata = _metadata(opts, converter)
     final = os.path.join(out, records.NAME, records.VERSION)
-    if os.path.isdir(final) and not overwrite:
+    if _exists(final) and not overwrite:
         return _reuse(final, metadata)
-    for stale in glob.glob(os.path.join(out, records.NAME, f"incomplete.*{records.VERSION}")):
-        shutil.rmtree(stale)  # left by a run that crashed
-    os.makedirs(out, exist_ok=True)
-    report = Report(os.path.join(out, f".skipped-{os.getpid()}.jsonl"))
     start = time.time()
-    summary: dict = {}
-    input_bytes = sum(os.path.getsize(f) for f in files)
+    input_bytes = sum(fileio.size(f) for f in files)
 
     def extra() -> dict:
         seconds = time.time() - start
@@ -125,6 +120,17 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                 "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
                 "input_mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 2),
                 "workers": workers, "beam_runner": beam_runner, "metadata": metadata}
+
+    if beam_runner:
+        return _beam_pipeline().run_beam(files, out, opts, metadata, beam_runner, beam_options,
+                                         extra, overwrite)
+    if fileio.is_remote(out):
+        raise ValueError(f"--out {out}: a bucket path needs --beam-runner")
+    for stale in glob.glob(os.path.join(out, records.NAME, f"incomplete.*{records.VERSION}")):
+        shutil.rmtree(stale)  # left by a run that crashed
+    os.makedirs(out, exist_ok=True)
+    report = Report(os.path.join(out, f".skipped-{os.getpid()}.jsonl"), file_order(files))
+    summary: dict = {}
 
     def examples() -> Iterator[tuple[str, dict]]:
         with _progress(input_bytes) as bar:
@@ -146,21 +152,20 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     if os.path.isdir(final):
         os.rename(final, previous)
     try:
-        if beam_runner:
-            summary = _beam_pipeline().run_beam(files, out, opts, metadata, beam_runner,
-                                             beam_options, extra)
-        else:
-            builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
-                                             on_complete=on_complete)
-            builder.download_and_prepare(file_format="array_record")
+        builder = records.TeacherTargets(data_dir=out, examples=examples, metadata=metadata,
+                                         on_complete=on_complete)
+        builder.download_and_prepare(file_format="array_record")
     except BaseException:
-        report.close()
         if os.path.isdir(previous):
             os.rename(previous, final)
         raise
     shutil.rmtree(previous, ignore_errors=True)
-    report.close()
     return summary
+
+
+def file_order(files: list[str]) -> dict[str, int]:
+    """Input file -> its position: with the record index, the input order of a skip."""
+    return {f: i for i, f in enumerate(files)}
 
 
 def _beam_pipeline():
@@ -193,8 +198,14 @@ def _metadata(opts: Options, converter: Converter) -> dict:
             "student_vocab_size": len(converter.student)}
 
 
+def _exists(path: str) -> bool:
+    if fileio.is_remote(path):
+        return _beam_pipeline().FileSystems.exists(path)
+    return os.path.isdir(path)
+
+
 def _reuse(final: str, metadata: dict) -> dict:
-    with open(os.path.join(final, "report.json"), encoding="utf-8") as f:
+    with fileio.open_read(os.path.join(final, "report.json")) as f:
         report = json.load(f)
     if report["metadata"] != json.loads(json.dumps(metadata)):
         raise ValueError(f"{final} was built with other options ({report['metadata']['options']});"

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import io
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
+
+from data_pipeline import fileio
 
 _STR = rb'"(?:[^"\\]++|\\.)*+"'
 _ATOM = rb'[^"\[\]{}]++|' + _STR
@@ -86,7 +86,7 @@ class RecordSpan:
         if self.error:
             return RawRecord(self.file, self.index, None, self.error,
                              "invalid_csv" if self.csv_columns else "invalid_json")
-        with open(self.file, "rb") as f:
+        with fileio.open_read(self.file) as f:
             f.seek(self.start)
             text = f.read(self.end - self.start)
         if self.csv_columns is None:
@@ -98,8 +98,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Input paths and globs -> sorted unique files; ValueError naming a pattern with none."""
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matched = [m for m in matched if os.path.isfile(m)]
+        matched = fileio.expand(pattern)
         if not matched:
             raise ValueError(f"--input {pattern!r}: no such file")
         files.extend(m for m in matched if m not in files)
@@ -116,7 +115,7 @@ def iter_record_spans(path: str, chunk_bytes: int = 1 << 20) -> Iterator[RecordS
     if is_csv(path):
         yield from _iter_csv_rows(path, chunk_bytes)
         return
-    with open(path, "rb") as f:
+    with fileio.open_read(path) as f:
         head = f.read(chunk_bytes)
         while _WS.match(head).end() == len(head) and (more := f.read(chunk_bytes)):
             head += more
@@ -144,7 +143,7 @@ def is_csv(path: str) -> bool:
 def csv_header(path: str) -> tuple[tuple[int, ...], int]:
     """(column index of prompt, response, logits_data; byte length of the header line) of a CSV
     input. ValueError naming the file when the header lacks one of them."""
-    with open(path, "rb") as f:
+    with fileio.open_read(path) as f:
         line = f.readline()
     try:
         names = next(csv.reader([line.decode("utf-8-sig")]), [])
@@ -160,7 +159,7 @@ def csv_header(path: str) -> tuple[tuple[int, ...], int]:
 def _iter_csv_rows(path: str, chunk_bytes: int) -> Iterator[RecordSpan]:
     columns, start = csv_header(path)
     index = 0
-    with open(path, "rb") as f:
+    with fileio.open_read(path) as f:
         f.seek(start)
         buf, base, pos, quotes = b"", start, 0, 0  # pos: scanned up to; quotes: in the row so far
         while True:

@@ -27,9 +27,9 @@ from data_pipeline.validate import FIXES, REASONS
 class Report:
     """The counts of a run, and its skip listing written to `skipped_path` as records come.
 
-    Without a path it only counts: the Beam route (beam_pipeline.py) counts per worker and
-    `merge`s, with `file_order` (input file -> its position) to find the first skip in input
-    order."""
+    `file_order` (input file -> its position) finds the first skip of each reason in input
+    order. Without a path it only counts: the Beam route (beam_pipeline.py) counts per worker and
+    `merge`s."""
 
     def __init__(self, skipped_path: str | None = None, file_order: dict[str, int] | None = None):
         self.read = 0
@@ -50,7 +50,7 @@ class Report:
             self.skipped[result.reason] += 1
             entry = {"file": result.file, "index": result.index, "reason": result.reason,
                      "detail": result.detail}
-            self.first_skip.setdefault(result.reason, entry)
+            self._keep_first(entry)
             if self._skipped_file:
                 self._skipped_file.write(json.dumps(entry) + "\n")
 
@@ -59,20 +59,18 @@ class Report:
         self.written.update(other.written)
         self.skipped.update(other.skipped)
         self.totals.update(other.totals)
-        for reason, entry in other.first_skip.items():
-            mine = self.first_skip.get(reason)
-            if mine is None or self._order(entry) < self._order(mine):
-                self.first_skip[reason] = entry
+        for entry in other.first_skip.values():
+            self._keep_first(entry)
         return self
+
+    def _keep_first(self, entry: dict) -> None:
+        """Keeps the skip that comes first in input order, whatever order they arrive in."""
+        mine = self.first_skip.get(entry["reason"])
+        if mine is None or self._order(entry) < self._order(mine):
+            self.first_skip[entry["reason"]] = entry
 
     def _order(self, entry: dict) -> tuple[int, int]:
         return self.file_order.get(entry["file"], 0), entry["index"]
-
-    def close(self) -> None:
-        """Closes and removes an unused skip listing (a Beam run writes its own)."""
-        if self._skipped_file and not self._skipped_file.closed:
-            self._skipped_file.close()
-            os.remove(self.skipped_path)
 
     def finish(self, out_dir: str, shard_bytes: int, extra: dict) -> dict:
         """Moves the skip listing into `out_dir` and writes report.json there; returns it."""

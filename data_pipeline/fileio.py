@@ -1,0 +1,58 @@
+"""Input paths that are local files or Beam filesystem URLs (`gs://`, `s3://`, ...).
+
+The Beam route (beam_pipeline.py) runs on workers that share no local disk, so its dump files and
+tokenizers may be bucket paths: those are read through Apache Beam's FileSystems (gs:// needs
+apache-beam[gcp]). Local paths never import Beam.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _fs():
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems
+
+
+def open_read(path: str):
+    """A binary file object with seek and read."""
+    if not is_remote(path):
+        return open(path, "rb")
+    from apache_beam.io.filesystem import CompressionTypes
+    return _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    return _fs().match([path])[0].metadata_list[0].size_in_bytes
+
+
+def expand(pattern: str) -> list[str]:
+    """Sorted files matching a path or glob."""
+    if is_remote(pattern):
+        return sorted(m.path for m in _fs().match([pattern])[0].metadata_list)
+    matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    return [m for m in matched if os.path.isfile(m)]
+
+
+def local_copy(path: str) -> str:
+    """A local path holding `path` (a file, or a directory's files): itself if local, else a
+    copy in a temporary directory (kept for the process's life: tokenizers are read once)."""
+    if not is_remote(path):
+        return path
+    fs = _fs()
+    local = tempfile.mkdtemp(prefix="llada-jax-")
+    files = fs.match([path.rstrip("/") + "/*"])[0].metadata_list or fs.match([path])[0].metadata_list
+    for m in files:
+        with fs.open(m.path) as src, open(os.path.join(local, os.path.basename(m.path)), "wb") as f:
+            f.write(src.read())
+    single = len(files) == 1 and files[0].path == path
+    return os.path.join(local, os.path.basename(path)) if single else local

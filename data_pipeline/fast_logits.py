@@ -41,9 +41,9 @@ def parse_array(text: bytes, start: int, end: int) -> np.ndarray | None:
     for bit to np.asarray(json.loads(text[start:end]), np.float64).
 
     None unless it is a non-empty flat array of JSON numbers, all finite in float64 and each within
-    64-bit integers when written as an integer (json then decides). as_buffer would flatten a
-    nested array, but a span from find_arrays holds no `]` before its end, so a `[` inside it
-    leaves the text unbalanced, which simdjson rejects."""
+    64-bit integers when written as an integer (json then decides)."""
+    if text.find(b"[", start + 1, end) >= 0:
+        return None  # as_buffer would flatten a nested array (one memchr: ~2% of the parse)
     try:
         doc = _PARSER.parse(memoryview(text)[start:end])
         values = np.frombuffer(doc.as_buffer(of_type="d"), np.float64)

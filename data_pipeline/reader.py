@@ -52,6 +52,7 @@ _WS = re.compile(rb'[ \t\r\n]*+')
 _SCALAR = re.compile(rb'(?:[^"\[\]{},]++|' + _STR + rb')*+', re.S)
 _CLOSERS = {ord(']'): ord('['), ord('}'): ord('{')}
 _STRING = re.compile(_STR, re.S)
+_NONBLANK = re.compile(rb"[^ \t\r\n]")
 # The text that opens a `full_logits` array (when it is not inside a string).
 FULL_LOGITS_KEY = re.compile(rb'"full_logits"[ \t\r\n]*:[ \t\r\n]*\[')
 
@@ -157,38 +158,36 @@ def csv_header(path: str) -> tuple[tuple[int, ...], int]:
 
 
 def _iter_csv_rows(path: str, chunk_bytes: int) -> Iterator[RecordSpan]:
-    columns, start = csv_header(path)
+    """Row spans by offsets alone: a row is never held whole, however long it is."""
+    columns, offset = csv_header(path)
     index = 0
     with fileio.open_read(path) as f:
-        f.seek(start)
-        buf, base, pos, quotes = b"", start, 0, 0  # pos: scanned up to; quotes: in the row so far
-        while True:
-            nl = buf.find(b"\n", pos)
-            if nl < 0:
-                chunk = f.read(chunk_bytes)
-                quotes += buf.count(b'"', pos)
-                if not chunk:
-                    break
-                buf, base, pos = buf + chunk, base, len(buf)
-                continue
-            quotes += buf.count(b'"', pos, nl)
-            pos = nl + 1
-            if quotes % 2:
-                continue  # the newline is inside a quoted field
-            if buf[:pos].strip():
-                yield RecordSpan(path, index, base, base + pos, csv_columns=columns)
-                index += 1
-            buf, base, pos, quotes = buf[pos:], base + pos, 0, 0
-    if buf.strip():
+        f.seek(offset)
+        row, quotes, blank = offset, 0, True  # where the row starts, its `"`s, only whitespace?
+        while chunk := f.read(chunk_bytes):
+            pos = 0
+            while (nl := chunk.find(b"\n", pos)) >= 0:
+                quotes += chunk.count(b'"', pos, nl)
+                blank = blank and not _NONBLANK.search(chunk, pos, nl)
+                pos = nl + 1
+                if quotes % 2 == 0:  # else the newline is inside a quoted field
+                    if not blank:
+                        yield RecordSpan(path, index, row, offset + pos, csv_columns=columns)
+                        index += 1
+                    row, quotes, blank = offset + pos, 0, True
+            quotes += chunk.count(b'"', pos)
+            blank = blank and not _NONBLANK.search(chunk, pos)
+            offset += len(chunk)
+    if not blank:
         error = "the file ends inside a quoted field (truncated?)" if quotes % 2 else None
-        yield RecordSpan(path, index, base, base + len(buf), error, csv_columns=columns)
+        yield RecordSpan(path, index, row, offset, error, csv_columns=columns)
 
 
 def _csv_record(path: str, index: int, text: bytes, columns: tuple[int, ...]) -> RawRecord:
     """One CSV row -> the seed-format record `{"prompt", "response", "logits": logits_data}` as
     JSON text (logits_data is inserted as written, so json judges it as in a JSON input)."""
     try:
-        row = next(csv.reader(io.StringIO(text.decode("utf-8"), newline="")))
+        row = next(csv.reader(io.StringIO(text.decode("utf-8"), newline="")), [])
     except UnicodeDecodeError as e:
         return RawRecord(path, index, None, f"row {index}: byte {e.start}: {e.reason}", "non_utf8")
     except csv.Error as e:

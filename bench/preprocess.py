@@ -54,7 +54,8 @@ def run_side(args) -> dict:
         report = preprocess([src], out, Options(student_dir, teacher_dir, args.max_length,
                                                 args.top_k, None, "skip", 0.05),
                             workers=args.workers, overwrite=True)
-        result = {"examples": report["read"], "written": report["written"]}
+        result = {"examples": report["read"], "written": report["written"],
+                  "convert_seconds": report["seconds"]}
     else:
         result = seed_data.original_preprocess(src, out, student_dir,
                                                max_length=args.max_length,
@@ -134,9 +135,10 @@ def main() -> None:
                 print(f"  [{side}] {r['seconds']:.1f} s: {rates[side, size]:.2f} examples/s, "
                       f"{mib / r['seconds']:.1f} MiB/s; peak RSS {r['peak_rss_mib']:.0f} MiB"
                       f"{workers}; {r['load']}")
-                if side == "ours":
-                    per_worker = mib / r["seconds"] / args.workers
-                    print(f"  [ours] per worker {per_worker:.1f} MiB/s = "
+                if side == "ours":  # from the report's clock: without imports and tokenizer loads
+                    per_worker = mib / r["convert_seconds"] / args.workers
+                    print(f"  [ours] per worker {per_worker:.1f} MiB/s ({r['convert_seconds']:.1f}"
+                          f" s without start-up) = "
                           f"{100 * per_worker / kept:.0f}% of simdjson's bare parse rate "
                           f"(goal >= 70%)")
                 shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.remove(out)

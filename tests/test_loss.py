@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.train import loss
+from llada_jax.train import chunked_head, divergences, loss
 
-KINDS = loss.KINDS
+KINDS = divergences.KINDS
 
 
 def np_softmax(x):
@@ -28,7 +28,7 @@ def np_divergence(p, q, kind, beta=0.5):
     if kind == "kl":
         return np_plogratio(p, q).sum(-1)
     if kind == "reverse_kl":
-        return np_plogratio(q, np.where(p > 0, p, loss.REVERSE_KL_TEACHER_FLOOR)).sum(-1)
+        return np_plogratio(q, np.where(p > 0, p, divergences.REVERSE_KL_TEACHER_FLOOR)).sum(-1)
     if kind == "jsd":
         m = beta * p + (1 - beta) * q
         return beta * np_plogratio(p, m).sum(-1) + (1 - beta) * np_plogratio(q, m).sum(-1)
@@ -43,15 +43,15 @@ def np_buckets(student_logits, ids, lps, temperature):
     q_s = np.where(valid, np.take_along_axis(q, ids, -1), 0.0)
     p_s = np.where(valid, np.exp(lps.astype(np.float64)), 0.0)
     p_tail = 1.0 - p_s.sum(-1, keepdims=True)
-    p_tail = np.where(p_tail < loss.TEACHER_TAIL_MIN, 0.0, p_tail)
+    p_tail = np.where(p_tail < divergences.TEACHER_TAIL_MIN, 0.0, p_tail)
     w = np.concatenate([p_s, p_tail], -1) ** (1.0 / temperature)
     return w / w.sum(-1, keepdims=True), np.concatenate([q_s, 1.0 - q_s.sum(-1, keepdims=True)], -1)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5):
-    logp, logq = loss.bucket_logprobs(logits, ids, lps, temperature)
-    return loss.divergence(logp, logq, kind, beta)
+    logp, logq = divergences.bucket_logprobs(logits, ids, lps, temperature)
+    return divergences.divergence(logp, logq, kind, beta)
 
 
 def full_vocab_case(rng, n=6, v=40):
@@ -280,8 +280,8 @@ def test_vocab_tiled_stats_equal_the_dense_stats_ties_to_the_lowest_id():
     head[:, 3] = head[:, 17] = 10.0 * np.abs(head).max()
     hidden = jnp.abs(hidden)
     valid = lp > -jnp.inf
-    tiled = loss.vocab_tiled_stats(hidden, head, ids, valid, temperature=0.8, vocab_tile=5)
-    dense = loss.student_stats(hidden @ head, ids, valid, temperature=0.8)
+    tiled = chunked_head.vocab_tiled_stats(hidden, head, ids, valid, temperature=0.8, vocab_tile=5)
+    dense = divergences.student_stats(hidden @ head, ids, valid, temperature=0.8)
     np.testing.assert_array_equal(tiled.top1, np.full(tiled.top1.shape, 3))
     np.testing.assert_array_equal(tiled.top1, dense.top1)
     np.testing.assert_allclose(np.where(valid, tiled.z_at_ids, 0),

@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
     c.loss.temperature = 1.0
     c.loss.beta = 0.5                  # jsd only: beta KL(p || m) + (1 - beta) KL(q || m)
-    # How the LM head is cut (llada_jax/loss.py): "sequence" chunks of chunk_size positions
+    # How the LM head is cut (llada_jax/train/chunked_head.py): "sequence" chunks of chunk_size positions
     # (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V] logits),
     # or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one head-gradient
     # reduction across devices). vocab_tile also cuts the sequence path's head-gradient adds.

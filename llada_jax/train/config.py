@@ -85,8 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpointing = True
 
+    # Drafter metrics (llada_jax/eval/evaluate.py), the same in `train`'s periodic eval, the
+    # demo and `llada-jax eval`.
     c.eval = ml_collections.ConfigDict()
     c.eval.gammas = (4, 8)
+    c.eval.seed = 0                    # seed of the drafting cut points
+    c.eval.chunk_size = 256            # scored positions per LM-head chunk
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1: every device not used by fsdp/tensor

@@ -25,6 +25,7 @@ from data_pipeline import loader as data_loader
 from data_pipeline import records
 from llada_jax import checkpoints
 from llada_jax import sharding
+from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
 from llada_jax.train import optim
 from llada_jax.train import train_step
@@ -270,11 +271,17 @@ class Trainer:
         self.final_state = state
         return last
 
-    def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
-        """Periodic held-out metrics under the drafting condition (evaluate.py)."""
-        from llada_jax.eval import evaluate
+    def evaluate(self, state, max_batches: int | None = None) -> dict:
+        """Held-out drafter metrics of the state's params (`evaluate.evaluate_model`, the
+        function `llada-jax eval` runs) on the eval split; {} if it is empty."""
+        model = nnx.merge(self.graphdef, state.params)
+        batches = self.make_iterator(self.config.data.eval_split, shuffle=False, num_epochs=1)
+        return evaluate.evaluate_model(model, (self.to_global(b) for b in batches),
+                                       self.config.eval, max_batches=max_batches)
 
-        results = evaluate.evaluate_state(self, state, max_batches=self.config.train.eval_batches)
+    def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
+        """Periodic held-out metrics under the drafting condition."""
+        results = self.evaluate(state, max_batches=self.config.train.eval_batches)
         if results:
             logger.write(step, results["overall"], prefix="eval")
 

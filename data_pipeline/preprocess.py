@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from data_pipeline import records, worker
+from data_pipeline import alignment, records, worker
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.reader import RecordSpan, expand_inputs, iter_record_spans
 from data_pipeline.report import Report
@@ -123,9 +123,13 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
 
 
 def _metadata(opts: Options, converter: Converter) -> dict:
+    # The student's special tokens are stored so that training finds its mask and eos ids
+    # without reopening the tokenizer (loader.DatasetMeta.mask_and_eos_ids).
+    added = alignment.load_tokenizer(opts.student_tokenizer).get_added_tokens_decoder()
     return {"options": dataclasses.asdict(opts), "top_k": opts.top_k,
             "max_length": opts.max_length, "alignment_mode": converter.mode,
-            "student_vocab_size": len(converter.student)}
+            "student_vocab_size": len(converter.student),
+            "special_tokens": {t.content: int(i) for i, t in sorted(added.items())}}
 
 
 def _reuse(final: str, metadata: dict) -> dict:

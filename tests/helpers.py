@@ -6,6 +6,7 @@ Test modules import from here (never from each other), so each helper has one ho
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib

@@ -1,9 +1,10 @@
 """GPU train step: step time, tokens/s and MFU of a ~1B-parameter LLaDA at L = 2048, bf16.
 
-One prepared run for a lent accelerator (a few minutes): `train_step.make_train_step` with fp32
-params and AdamW state, bf16 compute, attention_impl "dot_product_attention" (cuDNN on GPU),
-the vocabulary-tiled KL loss, a synthetic batch (random tokens, random top-k teacher), jitted
-with the state donated. MFU = model FLOPs (benchlib.train_step_flops, no recomputation counted)
+One prepared run for a lent accelerator (a few minutes): the step `llada-jax train` compiles
+(`train_step.jit_train_step`, shardings and donated state, on one device) with fp32 params and
+AdamW state, bf16 compute, attention_impl "dot_product_attention" (cuDNN on GPU), the tiny
+config's KL loss (sequence chunks), a synthetic batch (`data_pipeline.batch.synthetic`: random
+tokens, random top-k teacher). MFU = model FLOPs (benchlib.train_step_flops, no recomputation counted)
 / step time / the device's dense bf16 peak (table below; CPU: the measured fp32 matmul peak).
 
     python bench/gpu_step.py [--batch 2] [--steps 10]     # on the GPU machine
@@ -19,14 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import benchlib
-from llada_jax.train import config as train_config
-from llada_jax.train import optim
-from llada_jax.train import train_step
+from data_pipeline import batch as batch_lib
+from llada_jax import sharding
 from llada_jax.model.config import ModelConfig
-from llada_jax.model.modeling import LLaDAModel
+from llada_jax.train import config as train_config
+from llada_jax.train import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,19 +58,6 @@ def device_peak(device) -> tuple[float, str]:
     return peak, f"{kind}: measured fp32 matmul {peak / 1e9:.0f} GFLOP/s (no table entry)"
 
 
-def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int, k: int
-                    ) -> dict[str, np.ndarray]:
-    """One example per row, prompt = first quarter, random top-k teacher (sorted log-probs)."""
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
-    prompt = positions < seq_len // 4
-    logprobs = np.sort(np.log(rng.dirichlet(np.ones(4 * k), (batch, seq_len))[..., :k]), -1)
-    return dict(tokens=rng.integers(0, vocab - 1, (batch, seq_len)).astype(np.int32),
-                positions=positions, segment_ids=np.ones((batch, seq_len), np.int32),
-                prompt_mask=prompt, target_mask=~prompt,
-                teacher_ids=rng.integers(0, vocab - 1, (batch, seq_len, k)).astype(np.int32),
-                teacher_logprobs=logprobs[..., ::-1].astype(np.float32))
-
-
 def main() -> None:
     args = parse_args()
     shape = SMOKE if args.smoke else ONE_B
@@ -83,14 +70,14 @@ def main() -> None:
         dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
         attention_impl="dot_product_attention")
     config = train_config.load_config(str(REPO / "configs" / "tiny.py"), [])
-    optimizer = optim.make_optimizer(config.optim, total_steps=1000)
-    graphdef, params = nnx.split(LLaDAModel(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    state = train_step.init_train_state(params, optimizer)
-    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, shape["vocab"] - 1),
-                   donate_argnums=0)
-    batch = jax.device_put(synthetic_batch(np.random.default_rng(0), args.batch,
-                                           shape["seq_len"], shape["vocab"], args.top_k))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, [device])
+    jitted = train_step.jit_train_step(config, model_cfg, mesh, sharding.DEFAULT_RULES,
+                                       total_steps=1000)
+    state = jitted.random_state(0)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    batch = batch_lib.synthetic(np.random.default_rng(0), (args.batch, shape["seq_len"], args.top_k),
+                                vocab_size=shape["vocab"], exclude_id=shape["vocab"] - 1)
+    batch = {k: jax.device_put(v, jitted.batch_sharding) for k, v in batch.items()}
     print(f"setup: {device.platform} {peak_note}; LLaDA d={shape['d_model']}, "
           f"{shape['n_layers']} layers, {shape['n_heads']} heads, MLP {shape['mlp']}, "
           f"V={shape['vocab']}: {n_params / 1e9:.2f} B params (fp32, AdamW fp32), bf16 compute, "
@@ -98,7 +85,8 @@ def main() -> None:
           f"L={shape['seq_len']}, top-k {args.top_k}; {benchlib.load()}")
     rng = jax.random.key(0)
     start = time.perf_counter()
-    step = step.lower(state, batch, rng).compile()
+    with jax.set_mesh(mesh), sharding.rules_context(sharding.DEFAULT_RULES):
+        step = jitted.step.lower(state, batch, rng).compile()
     plan = step.memory_analysis()
     if plan is not None:
         print(f"compiled in {time.perf_counter() - start:.1f} s; planned device memory: state + "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.train import loss
+from llada_jax.train import chunked_head, loss
 
 GIB = 1024 ** 3
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=126464)
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--vocab-tile", type=int, default=loss.VOCAB_TILE)
+    parser.add_argument("--vocab-tile", type=int, default=chunked_head.VOCAB_TILE)
     parser.add_argument("--chunk-size", type=int, default=256)
     args = parser.parse_args()
 

@@ -1,9 +1,10 @@
 """Train step on CPU: ours vs a PyTorch re-implementation of the original training loop.
 
 Same model config, data and batch on both sides, fp32 on CPU, each side in its own subprocess:
-- ours: `train_step.make_train_step` (diffusion masking, forward with stacked + scanned layers,
-  sparse top-k KL with tail bucket through the LM head in sequence chunks, clipped AdamW), jitted
-  with the state donated; the teacher as top-k ids + log-probs [B, L, k];
+- ours: the step `llada-jax train` compiles (`train_step.jit_train_step`: diffusion masking,
+  forward with stacked + scanned layers, sparse top-k KL with tail bucket through the LM head in
+  sequence chunks, clipped AdamW; jitted with its shardings and the state donated), on one
+  device; the teacher as top-k ids + log-probs [B, L, k] (the batch of data_pipeline/batch.py);
 - original: the original trainer's loop in PyTorch: the teacher as a dense float32 [B, L, V]
   tensor (prompt rows zero), the same diffusion masking, logits [B, L, V] from a LLaDA forward
   (tests/torch_reference.py), KL(softmax(teacher / T) || softmax(logits / T)) summed over the
@@ -75,35 +76,33 @@ def teacher_logits(args, row: int, pos: int) -> np.ndarray:
 
 
 def our_batch(args) -> dict[str, np.ndarray]:
-    """The batch format of the loader: top-k ids + log-probs (over the full vocab) per target."""
+    """The loader's batch (data_pipeline/batch.py), one example per row, with the tokens and
+    the teacher of the original's side: top-k ids + log-probs (over the full vocab)."""
+    from data_pipeline import batch as batch_lib
+
     tokens, prompt_len = synthetic_tokens(args)
     b, seq, k = args.batch, args.seq_len, args.top_k
-    ids = np.zeros((b, seq, k), np.int32)
-    lps = np.full((b, seq, k), -np.inf, np.float32)
+    batch = batch_lib.synthetic(np.random.default_rng(args.seed), (b, seq, k),
+                                vocab_size=args.vocab, segments=[(prompt_len, seq - prompt_len)])
+    batch["tokens"] = tokens
     for row in range(b):
         for pos in range(prompt_len, seq):
             z = teacher_logits(args, row, pos).astype(np.float64)
             top = np.argpartition(-z, k)[:k]
             top = top[np.argsort(-z[top])]
-            ids[row, pos] = top
-            lps[row, pos] = z[top] - np.log(np.exp(z - z.max()).sum()) - z.max()
-    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy()
-    prompt = positions < prompt_len
-    return dict(tokens=tokens, positions=positions, segment_ids=np.ones((b, seq), np.int32),
-                prompt_mask=prompt, target_mask=~prompt, teacher_ids=ids, teacher_logprobs=lps)
+            batch["teacher_ids"][row, pos] = top
+            batch["teacher_logprobs"][row, pos] = (z[top] - np.log(np.exp(z - z.max()).sum())
+                                                   - z.max())
+    return batch
 
 
 def run_ours(args) -> dict:
     import jax
-    from flax import nnx
 
-    from llada_jax.train import config as train_config
-
-    from llada_jax.train import optim
-
-    from llada_jax.train import train_step
+    from llada_jax import sharding
     from llada_jax.model.config import ModelConfig
-    from llada_jax.model.modeling import LLaDAModel
+    from llada_jax.train import config as train_config
+    from llada_jax.train import train_step
 
     overrides = {"optim.lr": ORIGINAL_LR, "optim.weight_decay": ORIGINAL_WD,
                  "optim.warmup_steps": ORIGINAL_WARMUP, "loss.mask_mode": "original",
@@ -117,21 +116,23 @@ def run_ours(args) -> dict:
         mlp_hidden_size=args.mlp, vocab_size=args.vocab, mask_token_id=args.vocab - 1,
         max_sequence_length=args.seq_len, dtype="float32", remat_policy=args.remat,
         scan_layers=not args.no_scan)
-    optimizer = optim.make_optimizer(config.optim, total_steps=1000)
-    graphdef, params = nnx.split(LLaDAModel(model_cfg, rngs=nnx.Rngs(args.seed)), nnx.Param)
-    state = train_step.init_train_state(params, optimizer)
-    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, args.vocab - 1),
-                   donate_argnums=0)
-    batch = jax.device_put(our_batch(args))
+    # The program `llada-jax train` compiles (shardings, donation), on one device.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    jitted = train_step.jit_train_step(config, model_cfg, mesh, sharding.DEFAULT_RULES,
+                                       total_steps=1000)
+    state = jitted.random_state(args.seed)
+    batch = our_batch(args)
     rng = jax.random.key(args.seed)
     peaks = [benchlib.matmul_peak_gflops()]
     times, losses = [], []
-    for i in range(args.steps + 1):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, rng)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-        losses.append(float(metrics["loss_sum"] / metrics["loss_count"]))
+    with jax.set_mesh(mesh), sharding.rules_context(sharding.DEFAULT_RULES):
+        batch = {k: jax.device_put(v, jitted.batch_sharding) for k, v in batch.items()}
+        for i in range(args.steps + 1):
+            start = time.perf_counter()
+            state, metrics = jitted.step(state, batch, rng)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+            losses.append(float(metrics["loss_sum"] / metrics["loss_count"]))
     peaks.append(benchlib.matmul_peak_gflops())
     return {"step_s": times[1:], "compile_and_first_step_s": times[0], "loss": losses,
             "matmul_peak_gflops": peaks, "config": {"loss": config.loss.to_dict(),

@@ -73,7 +73,7 @@ class _Count(beam.CombineFn):
     def extract_output(self, report: Report) -> str:
         return json.dumps({"read": report.read, "written": report.written,
                            "skipped": report.skipped, "first_skip": report.first_skip,
-                           "totals": report.totals})
+                           "totals": report.totals, "tokens": report.tokens})
 
 
 def _skip_line(result: Result) -> list[str]:
@@ -140,6 +140,17 @@ def run_beam(files: list[str], out: str, opts: Options, metadata: dict, runner: 
     return report
 
 
+def _set_num_tokens(final: str, tokens: dict[str, int]) -> None:
+    """Adds the per-split token counts to the dataset metadata (the local route's builder sets
+    them while writing; here they are known only once the pipeline has run)."""
+    path = os.path.join(final, "metadata.json")
+    with FileSystems.open(path) as f:
+        metadata = json.loads(f.read().decode("utf-8"))
+    metadata["num_tokens"] = {s: int(tokens.get(s, 0)) for s in records.SPLITS}
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(metadata).encode("utf-8"))
+
+
 def _read_lines(pattern: str) -> list[str]:
     lines = []
     for match in FileSystems.match([pattern])[0].metadata_list:
@@ -152,11 +163,12 @@ def _gather_report(side_dir: str, files: list[str], final: str, extra: dict) -> 
     counts = json.loads(_read_lines(os.path.join(side_dir, "counts*"))[0])
     report = Report(file_order=file_order(files))
     report.read = counts["read"]
-    for name in ("written", "skipped", "totals"):
+    for name in ("written", "skipped", "totals", "tokens"):
         getattr(report, name).update(counts[name])
     report.first_skip = counts["first_skip"]
     skips = sorted((json.loads(line) for line in _read_lines(os.path.join(side_dir, "skipped*"))),
                    key=report._order)
+    _set_num_tokens(final, report.tokens)
     shards = FileSystems.match([os.path.join(final, "*.array_record*")])[0].metadata_list
     summary = report.build(sum(m.size_in_bytes for m in shards), extra)
     for name, text in (("skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skips)),

@@ -1,4 +1,4 @@
-"""grain pipeline: stored examples -> packed, fixed-shape batches (the batch format of COMMON.md).
+"""grain pipeline: stored examples -> packed, fixed-shape batches (`data_pipeline/batch.py`).
 
     it = make_loader(data_dir, "train", batch_size=B, seq_len=L, top_k=K, seed=0)
     batch = next(it)          # dict of numpy arrays, B / shard_count rows of length L
@@ -19,8 +19,7 @@ prefetch=2) -> grain DatasetIterator`:
 - top_k (K): teacher slots per position; default the dataset's top_k. Smaller K keeps the K
   largest (renormalised again where the dataset stored renormalised top-5).
 
-Batch: tokens, positions, segment_ids (int32 [B, L]); prompt_mask, target_mask (bool [B, L]);
-teacher_ids (int32 [B, L, K], 0 unused); teacher_logprobs (float32 [B, L, K], -inf unused).
+The batch's fields, dtypes and pad values are `batch.FIELDS`.
 The iterator state is grain's, so `grain.checkpoint.CheckpointSave(it)` /
 `CheckpointRestore(it)` store it inside an orbax CheckpointManager.
 """
@@ -32,10 +31,13 @@ import dataclasses
 import grain
 import numpy as np
 
+from data_pipeline import batch as batch_lib
 from data_pipeline import records
 
-_PAD = {"tokens": 0, "prompt_mask": False, "target_mask": False, "teacher_ids": 0,
-        "teacher_logprobs": -np.inf}
+_PAD = {k: batch_lib.PAD[k] for k in batch_lib.EXAMPLE_FIELDS}  # before packing
+# Special tokens the trainer looks for when the config names none (the first one present wins).
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+EOS_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|eot|>", "</s>", "<eos>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,33 @@ class DatasetMeta:
     alignment_mode: str
     num_examples: dict[str, int]
     options: dict
+    # The student tokenizer's added tokens (text -> id) and the stored tokens per split (prompt +
+    # response); None for a dataset written before preprocess recorded them (it still loads).
+    special_tokens: dict[str, int] | None
+    num_tokens: dict[str, int] | None
+
+    def mask_and_eos_ids(self, mask_token: str = "") -> tuple[int, int | None]:
+        """(mask id, eos id or None) of the student tokenizer: `mask_token` if given, else the
+        first of MASK_TOKENS it has."""
+        self.require_facts()
+        candidates = (mask_token,) if mask_token else MASK_TOKENS
+        mask_id = next((self.special_tokens[t] for t in candidates if t in self.special_tokens),
+                       None)
+        if mask_id is None:
+            raise ValueError(f"the student tokenizer {self.options['student_tokenizer']} has "
+                             f"none of the mask tokens {candidates} among its special tokens; "
+                             "set --config.model.mask_token to its mask token")
+        eos_id = next((self.special_tokens[t] for t in EOS_TOKENS if t in self.special_tokens),
+                      None)
+        return mask_id, eos_id
     record_format: int = 1  # records.FORMATS; datasets written before formats had none
+
+    def require_facts(self) -> None:
+        """Training needs the special tokens and token counts preprocess now records."""
+        if self.special_tokens is None or self.num_tokens is None:
+            raise ValueError(f"the dataset written with options {self.options} predates the "
+                            "special_tokens / num_tokens metadata that training reads: re-run "
+                            "`llada-jax preprocess` with --overwrite")
 
 
 def read_metadata(data_dir: str) -> DatasetMeta:
@@ -54,7 +82,26 @@ def read_metadata(data_dir: str) -> DatasetMeta:
     m = info.metadata
     return DatasetMeta(int(m["top_k"]), int(m["max_length"]), int(m["student_vocab_size"]),
                        m["alignment_mode"], {s: info.splits[s].num_examples for s in info.splits},
-                       dict(m["options"]), int(m.get("record_format", 1)))
+                       dict(m["options"]),
+                       dict(m["special_tokens"]) if "special_tokens" in m else None,
+                       ({s: int(n) for s, n in m["num_tokens"].items()}
+                        if "num_tokens" in m else None),
+                       int(m.get("record_format", 1)))
+
+
+def host_shards(batch_size: int, num_shards: int | None = None) -> tuple[int, range]:
+    """(number of data shards, the ones this process reads): `num_shards` (default one per
+    process) split evenly over the processes; each shard gives batch_size / num_shards rows of
+    every global batch (make_loader's shard_index / shard_count)."""
+    import jax
+
+    num_shards = num_shards or jax.process_count()
+    if num_shards % jax.process_count() or batch_size % num_shards:
+        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the "
+                         f"{jax.process_count()} processes and divide "
+                         f"data.global_batch_size={batch_size}")
+    per_host = num_shards // jax.process_count()
+    return num_shards, range(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
 
 
 def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
@@ -135,5 +182,5 @@ def _pad_to(x: np.ndarray, length: int, value) -> np.ndarray:
 
 def _pad_batch(batch: dict, rows: int) -> dict[str, np.ndarray]:
     """Fills a short last batch with empty rows (segment_ids 0)."""
-    return {k: _pad_to(v, rows, _PAD.get(k, 0)) if len(v) < rows else v
+    return {k: _pad_to(v, rows, batch_lib.PAD[k]) if len(v) < rows else v
             for k, v in batch.items()}

@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import tqdm
 
-from data_pipeline import fileio, placeholders, records, worker
+from data_pipeline import alignment, fileio, placeholders, records, worker
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, iter_record_spans
 from data_pipeline.report import Report, human_summary
@@ -192,10 +192,14 @@ def _counted(spans: Iterator[RecordSpan], bar: tqdm.tqdm) -> Iterator[RecordSpan
 
 
 def _metadata(opts: Options, converter: Converter) -> dict:
+    # The student's special tokens are stored so that training finds its mask and eos ids
+    # without reopening the tokenizer (loader.DatasetMeta.mask_and_eos_ids).
+    added = alignment.load_tokenizer(opts.student_tokenizer).get_added_tokens_decoder()
     return {"options": dataclasses.asdict(opts), "record_format": opts.record_format,
             "top_k": opts.top_k,
             "max_length": opts.max_length, "alignment_mode": converter.mode,
-            "student_vocab_size": len(converter.student)}
+            "student_vocab_size": len(converter.student),
+            "special_tokens": {t.content: int(i) for i, t in sorted(added.items())}}
 
 
 def _exists(path: str) -> bool:

@@ -118,10 +118,13 @@ class TeacherTargets(TeacherTargetsInfo, tfds.core.DatasetBuilder):
         features = FEATURES[self._format]
         serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
         writers = {s: _SplitWriter(self.data_dir, self.name, s) for s in SPLITS}
+        num_tokens = dict.fromkeys(SPLITS, 0)
         for split, example in self._examples():
             example = features.encode_example(stored(example, self._format))
             writers[split].write(serializer.serialize_example(example))
+            num_tokens[split] += len(example["tokens"])
         self.info.set_splits(splits_lib.SplitDict([w.close() for w in writers.values()]))
+        self.info.metadata["num_tokens"] = num_tokens  # the trainer's step count needs it
         self._on_complete(self.data_dir, {s: w.count for s, w in writers.items()})
 
     def _as_dataset(self, *args, **kwargs):

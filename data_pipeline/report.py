@@ -37,6 +37,7 @@ class Report:
         self.skipped = collections.Counter()
         self.first_skip: dict[str, dict] = {}  # reason -> the first record skipped for it
         self.totals = collections.Counter()
+        self.tokens = collections.Counter()  # split -> stored tokens (the trainer's step count)
         self.skipped_path = skipped_path
         self.file_order = file_order or {}
         self._skipped_file = open(skipped_path, "w", encoding="utf-8") if skipped_path else None
@@ -45,6 +46,7 @@ class Report:
         self.read += 1
         if result.example is not None:
             self.written[result.split] += 1
+            self.tokens[result.split] += len(result.example["tokens"])
             self.totals.update(result.stats)
         else:
             self.skipped[result.reason] += 1
@@ -59,6 +61,7 @@ class Report:
         self.written.update(other.written)
         self.skipped.update(other.skipped)
         self.totals.update(other.totals)
+        self.tokens.update(other.tokens)
         for entry in other.first_skip.values():
             self._keep_first(entry)
         return self

@@ -130,19 +130,13 @@ def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int,
 
 def align_student(config, workdir: pathlib.Path) -> dict:
     """Trains a fresh student; held-out drafter metrics of the initial and final params."""
-    from flax import nnx
-
-    from llada_jax.eval.evaluate import evaluate_model
     from llada_jax.train.trainer import Trainer
 
     shutil.rmtree(workdir, ignore_errors=True)
     trainer = Trainer(config, workdir, progress=sys.stderr.isatty())
 
     def held_out(state):
-        model = nnx.merge(trainer.graphdef, state.params)
-        batches = trainer.make_iterator("validation", shuffle=False, num_epochs=1)
-        return evaluate_model(model, (trainer.to_global(b) for b in batches), gammas=(4,),
-                              chunk_size=config.loss.chunk_size)["gamma=4"]
+        return trainer.evaluate(state)["gamma=4"]
 
     t = time.perf_counter()
     before = held_out(trainer.initial_state())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_fixtures
+from tests import helpers
 from llada_jax import cli
 from llada_jax.model import params
 from llada_jax.model.config import ConfigError, ModelConfig
@@ -16,8 +16,8 @@ SUPPORT_FILES = {"tokenizer.json": '{"fake": true}', "modeling_llada.py": "# rem
 
 
 def _hf_dir(tmp_path, cfg, dtype, shards=3):
-    state = {k: v.to(dtype) for k, v in hf_fixtures.random_state(cfg, seed=2).items()}
-    path = hf_fixtures.write_hf_dir(tmp_path / "hf", cfg, state, shards=shards)
+    state = {k: v.to(dtype) for k, v in helpers.random_state(cfg, seed=2).items()}
+    path = helpers.write_hf_dir(tmp_path / "hf", cfg, state, shards=shards)
     for name, text in SUPPORT_FILES.items():
         (path / name).write_text(text)
     return path
@@ -38,7 +38,7 @@ def _round_trip(tmp_path, hf_dir, *export_args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_round_trip_is_bit_exact(tmp_path, dtype, tied):
-    cfg = hf_fixtures.hf_config(n_heads=4, n_kv_heads=2, weight_tying=tied)
+    cfg = helpers.hf_config(n_heads=4, n_kv_heads=2, weight_tying=tied)
     hf_dir = _hf_dir(tmp_path, cfg, dtype)
     out = _round_trip(tmp_path, hf_dir, "--max-shard-size", "20KB")
     before, after = _tensors(hf_dir), _tensors(out)
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype, tied):
 
 
 def test_single_file_input_and_dtype_conversion(tmp_path):
-    cfg = hf_fixtures.hf_config()
+    cfg = helpers.hf_config()
     hf_dir = _hf_dir(tmp_path, cfg, torch.bfloat16, shards=1)
     _, model = params.load_hf(hf_dir, dtype="float32")
     assert model.layers["q_proj"].dtype == np.float32
@@ -71,7 +71,7 @@ def test_single_file_input_and_dtype_conversion(tmp_path):
 
 def test_flax_layout_of_linear_weights(tmp_path):
     """HF Linear [out, in] becomes [in, heads, head_dim] etc.; check one value per transform."""
-    cfg = hf_fixtures.hf_config(n_heads=4, n_kv_heads=2)
+    cfg = helpers.hf_config(n_heads=4, n_kv_heads=2)
     hf_dir = _hf_dir(tmp_path, cfg, torch.float32)
     hf = _tensors(hf_dir)
     _, model = params.load_hf(hf_dir)
@@ -84,12 +84,12 @@ def test_flax_layout_of_linear_weights(tmp_path):
 
 
 def test_every_weight_problem_is_reported_at_once(tmp_path):
-    cfg = hf_fixtures.hf_config()
-    state = hf_fixtures.random_state(cfg)
+    cfg = helpers.hf_config()
+    state = helpers.random_state(cfg)
     del state["model.transformer.blocks.1.up_proj.weight"]
     state["model.transformer.blocks.0.q_proj.bias"] = torch.zeros(48)
     state["model.transformer.ln_f.weight"] = torch.ones(47)
-    hf_dir = hf_fixtures.write_hf_dir(tmp_path, cfg, state)
+    hf_dir = helpers.write_hf_dir(tmp_path, cfg, state)
     with pytest.raises(params.ConversionError) as err:
         params.load_hf(hf_dir)
     message = str(err.value)
@@ -100,10 +100,10 @@ def test_every_weight_problem_is_reported_at_once(tmp_path):
 
 
 def test_mixed_dtypes_need_an_explicit_dtype(tmp_path):
-    cfg = hf_fixtures.hf_config()
-    state = hf_fixtures.random_state(cfg)
+    cfg = helpers.hf_config()
+    state = helpers.random_state(cfg)
     state["model.transformer.ln_f.weight"] = state["model.transformer.ln_f.weight"].bfloat16()
-    hf_dir = hf_fixtures.write_hf_dir(tmp_path, cfg, state)
+    hf_dir = helpers.write_hf_dir(tmp_path, cfg, state)
     with pytest.raises(params.ConversionError, match=r"dtypes \['BF16', 'F32'\]; pass a dtype"):
         params.load_hf(hf_dir)
     cfg_out, _ = params.load_hf(hf_dir, dtype="float32")
@@ -123,11 +123,11 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     ("scale_logits", True), ("attention_layer_norm", True), ("include_qkv_bias", True)])
 def test_unsupported_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"{field}={value!r}"):
-        ModelConfig.from_hf_config(hf_fixtures.hf_config(**{field: value}))
+        ModelConfig.from_hf_config(helpers.hf_config(**{field: value}))
 
 
 def test_config_reads_hf_fields_and_round_trips():
-    hf = hf_fixtures.hf_config(n_kv_heads=None, mlp_hidden_size=None, some_future_field=[1, 2])
+    hf = helpers.hf_config(n_kv_heads=None, mlp_hidden_size=None, some_future_field=[1, 2])
     cfg = ModelConfig.from_hf_config(hf, dtype="float32", scan_layers=False)
     assert (cfg.n_kv_heads, cfg.mlp_hidden_size, cfg.head_dim) == (3, 4 * 48, 16)
     assert (cfg.vocab_size, cfg.embedding_size, cfg.mask_token_id) == (61, 64, 58)
@@ -144,7 +144,7 @@ def test_config_reads_hf_fields_and_round_trips():
 
 def test_config_rejects_inconsistent_sizes():
     with pytest.raises(ConfigError, match="n_heads=4 is not divisible by n_kv_heads=3"):
-        ModelConfig.from_hf_config(hf_fixtures.hf_config(n_heads=4, n_kv_heads=3))
+        ModelConfig.from_hf_config(helpers.hf_config(n_heads=4, n_kv_heads=3))
     with pytest.raises(ConfigError, match="must be even for RoPE"):
         ModelConfig(d_model=45, n_heads=3, n_layers=1, mlp_hidden_size=8, vocab_size=10,
                     mask_token_id=9)
@@ -165,4 +165,4 @@ def test_parse_size():
 
 def test_unknown_run_setting_is_a_config_error():
     with pytest.raises(ConfigError, match=r"unknown run settings \['remat'\]"):
-        ModelConfig.from_hf_config(hf_fixtures.hf_config(), remat="full")
+        ModelConfig.from_hf_config(helpers.hf_config(), remat="full")

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_pipeline import alignment
-from tests.data_helpers import make_tokenizers
+from tests.helpers import make_tokenizers
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from data_pipeline.convert import Converter, Options
 from data_pipeline.preprocess import preprocess
 from data_pipeline.reader import RawRecord, iter_raw_records
 from data_pipeline.validate import REASONS
-from tests.data_helpers import make_tokenizers, teacher_record, write_json
+from tests.helpers import make_tokenizers, teacher_record, write_json
 
 
 @pytest.fixture(scope="module")

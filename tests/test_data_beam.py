@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
-from tests.data_helpers import TEXTS, make_tokenizers, teacher_record, write_json
+from tests.helpers import TEXTS, make_tokenizers, teacher_record, write_json
 from tests.test_data_csv import write_csv
 from tests.test_data_records import _all_examples
 

@@ -7,7 +7,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llada_jax import cli
-from tests.data_helpers import make_tokenizers, teacher_record, write_json
+from tests.helpers import make_tokenizers, teacher_record, write_json
 
 
 def test_original_sample_shape_every_record_skipped_is_explained(tmp_path, capfd):

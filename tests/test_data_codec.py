@@ -10,7 +10,7 @@ from data_pipeline import codec, records
 from data_pipeline.convert import Options
 from data_pipeline.loader import make_loader, read_metadata
 from data_pipeline.preprocess import preprocess
-from tests.data_helpers import make_tokenizers
+from tests.helpers import make_tokenizers
 from tests.test_data_records import _all_examples
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dataset_v1")

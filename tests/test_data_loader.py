@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 
 from data_pipeline import records
 from data_pipeline.convert import Options
 from data_pipeline.loader import make_loader, read_metadata
 from data_pipeline.preprocess import preprocess
-from tests.data_helpers import TEXTS, make_tokenizers, teacher_record, write_json
+from tests.helpers import TEXTS, toy_teacher_records, write_json
 
 SEQ, K = 48, 8
 
@@ -16,11 +15,9 @@ SEQ, K = 48, 8
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    tdir, sdir = make_tokenizers(str(root))
-    t_tok = Tokenizer.from_file(f"{tdir}/tokenizer.json")
-    rng = np.random.default_rng(0)
-    recs = [teacher_record(t_tok, f"Q{i}: ", TEXTS[i % 5][: 10 + 3 * i], rng, full=i % 2 == 0)
-            for i in range(24)]
+    tdir, sdir, recs = toy_teacher_records(
+        str(root), [(f"Q{i}: ", TEXTS[i % 5][: 10 + 3 * i]) for i in range(24)],
+        full=lambda i: i % 2 == 0)
     out = str(root / "out")
     preprocess([write_json(str(root / "in.json"), recs)], out,
                Options(sdir, tdir, SEQ, K, validation_fraction=0.0))

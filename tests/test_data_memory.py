@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from tests.data_helpers import make_tokenizers
+from tests.helpers import make_tokenizers
 
 V = 8192  # padded teacher vocabulary: ~70 KB of JSON per response token
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from data_pipeline import placeholders
 from data_pipeline.convert import Converter, Options
 from data_pipeline.reader import RawRecord
-from tests.data_helpers import make_tokenizers, teacher_record
+from tests.helpers import make_tokenizers, teacher_record
 
 MAP = (("<EOS>", "<|eot|>"), ("<eot_id>", "<|eot|>"))
 

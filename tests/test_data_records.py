@@ -12,17 +12,15 @@ from data_pipeline import records
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
 from llada_jax import cli
-from tests.data_helpers import TEXTS, make_tokenizers, teacher_record, write_json
+from tests.helpers import TEXTS, make_tokenizers, teacher_record, toy_teacher_records, write_json
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    tdir, sdir = make_tokenizers(str(root))
-    t_tok = Tokenizer.from_file(f"{tdir}/tokenizer.json")
-    rng = np.random.default_rng(0)
-    recs = [teacher_record(t_tok, f"Q{i}: ", TEXTS[i % 5] + f" #{i}", rng, full=i % 3 != 0)
-            for i in range(30)]
+    tdir, sdir, recs = toy_teacher_records(
+        str(root), [(f"Q{i}: ", TEXTS[i % 5] + f" #{i}") for i in range(30)],
+        full=lambda i: i % 3 != 0)
     a = write_json(str(root / "a.json"), recs[:20])
     b = write_json(str(root / "b.jsonl"), recs[20:] + ["not an object"], jsonl=True)
     return root, tdir, sdir, [a, b]

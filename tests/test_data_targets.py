@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from data_pipeline import records, targets
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
-from tests.data_helpers import make_tokenizers, teacher_record, write_json
+from tests.helpers import make_tokenizers, teacher_record, write_json
 
 # These tests check the targets' computation to float32 precision, so they store float32
 # (record format 1); format 2's quantisation is checked against it in test_data_codec.py.

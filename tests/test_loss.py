@@ -7,77 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.train import loss
+from llada_jax.train import chunked_head, divergences, loss
+from tests.helpers import (full_vocab_case, jax_divergence, np_buckets, np_divergence,
+                           np_plogratio, np_softmax, topk_case)
 
-KINDS = loss.KINDS
-
-
-def np_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_plogratio(a, b):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(a > 0, a * (np.log(np.where(a > 0, a, 1)) - np.log(b)), 0.0)
-
-
-def np_divergence(p, q, kind, beta=0.5):
-    """Reference divergences over the last axis, float64, written from the definitions."""
-    if kind == "kl":
-        return np_plogratio(p, q).sum(-1)
-    if kind == "reverse_kl":
-        return np_plogratio(q, np.where(p > 0, p, loss.REVERSE_KL_TEACHER_FLOOR)).sum(-1)
-    if kind == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * np_plogratio(p, m).sum(-1) + (1 - beta) * np_plogratio(q, m).sum(-1)
-    return 0.5 * np.abs(p - q).sum(-1)
-
-
-def np_buckets(student_logits, ids, lps, temperature):
-    """(p, q) over S ∪ {tail}: teacher tail = 1 - sum p_S (0 below rounding level), tempered as
-    p^(1/T) / Z; student tail = the student's mass outside S, summed directly in float64."""
-    q = np_softmax(student_logits.astype(np.float64) / temperature)
-    valid = lps > -np.inf
-    q_s = np.where(valid, np.take_along_axis(q, ids, -1), 0.0)
-    p_s = np.where(valid, np.exp(lps.astype(np.float64)), 0.0)
-    p_tail = 1.0 - p_s.sum(-1, keepdims=True)
-    p_tail = np.where(p_tail < loss.TEACHER_TAIL_MIN, 0.0, p_tail)
-    w = np.concatenate([p_s, p_tail], -1) ** (1.0 / temperature)
-    return w / w.sum(-1, keepdims=True), np.concatenate([q_s, 1.0 - q_s.sum(-1, keepdims=True)], -1)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5):
-    logp, logq = loss.bucket_logprobs(logits, ids, lps, temperature)
-    return loss.divergence(logp, logq, kind, beta)
-
-
-def full_vocab_case(rng, n=6, v=40):
-    """Teacher = a full softmax given as k = V sorted log-probs; student logits [n, v] near it
-    (divergences O(0.1 - 1), where fp32 resolves 1e-6 absolute)."""
-    teacher_logits = 2.0 * rng.normal(size=(n, v))
-    student_logits = (teacher_logits + rng.normal(size=(n, v))).astype(np.float32)
-    lp = np.log(np_softmax(teacher_logits))
-    ids = np.argsort(-lp, -1).astype(np.int32)
-    return teacher_logits, student_logits, ids, np.take_along_axis(lp, ids, -1).astype(np.float32)
-
-
-def topk_case(rng, n=8, v=40, k=6):
-    """Top-k rows with a real tail; row 1 renormalised top-5 (tail 0); rows 2, 3 have -inf unused
-    slots (ids 0 there, as in the records); row 4 all unused (a non-target position)."""
-    student = (2.0 * rng.normal(size=(n, v))).astype(np.float32)
-    ids = np.stack([rng.permutation(v)[:k] for _ in range(n)]).astype(np.int32)
-    lp = np.sort(np.log(rng.dirichlet(np.full(v, 0.3), size=n)[:, :k]), -1)[:, ::-1].copy()
-    lp[1, :5] -= np.log(np.exp(lp[1, :5]).sum())
-    lp[1, 5:] = -np.inf
-    lp[2, 4:] = -np.inf
-    lp[3, 1:] = -np.inf
-    lp[4, :] = -np.inf
-    for row in (1, 2, 3, 4):
-        ids[row][lp[row] == -np.inf] = 0
-    return student, ids, lp.astype(np.float32)
+KINDS = divergences.KINDS
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -280,8 +214,8 @@ def test_vocab_tiled_stats_equal_the_dense_stats_ties_to_the_lowest_id():
     head[:, 3] = head[:, 17] = 10.0 * np.abs(head).max()
     hidden = jnp.abs(hidden)
     valid = lp > -jnp.inf
-    tiled = loss.vocab_tiled_stats(hidden, head, ids, valid, temperature=0.8, vocab_tile=5)
-    dense = loss.student_stats(hidden @ head, ids, valid, temperature=0.8)
+    tiled = chunked_head.vocab_tiled_stats(hidden, head, ids, valid, temperature=0.8, vocab_tile=5)
+    dense = divergences.student_stats(hidden @ head, ids, valid, temperature=0.8)
     np.testing.assert_array_equal(tiled.top1, np.full(tiled.top1.shape, 3))
     np.testing.assert_array_equal(tiled.top1, dense.top1)
     np.testing.assert_allclose(np.where(valid, tiled.z_at_ids, 0),

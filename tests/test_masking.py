@@ -5,27 +5,7 @@ import numpy as np
 import pytest
 
 from llada_jax.train import masking
-
-MASK = 126336
-
-
-def packed_batch(rng, rows, seq, segments):
-    """Rows packed with `segments` [(prompt_len, response_len), ...] then padding; tokens are
-    random non-mask ids; ~80% of response positions have a teacher target."""
-    tokens = rng.integers(1, 1000, size=(rows, seq)).astype(np.int32)
-    segment_ids = np.zeros((rows, seq), np.int32)
-    prompt = np.zeros((rows, seq), bool)
-    start = 0
-    for sid, (n_prompt, n_response) in enumerate(segments, start=1):
-        segment_ids[:, start:start + n_prompt + n_response] = sid
-        prompt[:, start:start + n_prompt] = True
-        start += n_prompt + n_response
-    assert start <= seq
-    tokens[segment_ids == 0] = 0
-    target = (segment_ids > 0) & ~prompt & (rng.random((rows, seq)) < 0.8)
-    return {"tokens": tokens, "segment_ids": segment_ids, "prompt_mask": prompt,
-            "target_mask": target}
-
+from tests.helpers import MASK, SEGMENTS, packed_batch
 
 def masks(batch, mode, seed=0, eps=1e-3):
     noisy, loss_mask = jax.jit(
@@ -33,9 +13,6 @@ def masks(batch, mode, seed=0, eps=1e-3):
         jax.random.key(seed), batch)
     noisy = np.asarray(noisy)
     return noisy, np.asarray(loss_mask), noisy != batch["tokens"]
-
-
-SEGMENTS = [(3, 5), (2, 9), (4, 1), (1, 6)]
 
 
 @pytest.mark.parametrize("mode", masking.MODES)

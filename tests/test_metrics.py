@@ -4,13 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_loss import (full_vocab_case, jax_divergence, np_buckets, np_divergence, np_softmax,
-                       topk_case)
-from test_masking import MASK, SEGMENTS, packed_batch
-
-from llada_jax.train import masking
 
 from llada_jax.eval import metrics
+from llada_jax.train import masking
+from tests.helpers import (MASK, SEGMENTS, full_vocab_case, jax_divergence, np_buckets,
+                           np_divergence, np_softmax, packed_batch, topk_case)
 
 
 position_metrics = jax.jit(metrics.position_metrics)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_fixtures
+from tests import helpers
 import torch_reference
 from llada_jax.model import params
 from llada_jax.model.config import ModelConfig
@@ -16,17 +16,17 @@ from llada_jax.model.modeling import LLaDAModel
 TOL = 1e-5
 
 CONFIGS = {
-    "mha_odd": hf_fixtures.hf_config(),                                   # d 48, 3 heads, V 61/64
-    "gqa": hf_fixtures.hf_config(d_model=48, n_heads=6, n_kv_heads=2, mlp_hidden_size=56),
-    "mqa_tied": hf_fixtures.hf_config(n_heads=4, n_kv_heads=1, weight_tying=True, n_layers=3),
+    "mha_odd": helpers.hf_config(),                                   # d 48, 3 heads, V 61/64
+    "gqa": helpers.hf_config(d_model=48, n_heads=6, n_kv_heads=2, mlp_hidden_size=56),
+    "mqa_tied": helpers.hf_config(n_heads=4, n_kv_heads=1, weight_tying=True, n_layers=3),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def loaded(request, tmp_path_factory):
     cfg = CONFIGS[request.param]
-    state = hf_fixtures.random_state(cfg, seed=1)
-    hf_dir = hf_fixtures.write_hf_dir(tmp_path_factory.mktemp(request.param), cfg, state)
+    state = helpers.random_state(cfg, seed=1)
+    hf_dir = helpers.write_hf_dir(tmp_path_factory.mktemp(request.param), cfg, state)
     _, model = params.load_hf(hf_dir, compute_dtype="float32")
     return cfg, state, model
 

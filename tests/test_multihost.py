@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from tests.test_train_resume import ROOT, final_params
-from tests.train_helpers import make_dataset
+from tests.helpers import ROOT, final_params, make_dataset
 
 STEPS = 6
 

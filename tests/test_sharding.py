@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import hf_fixtures
+from tests import helpers
 from llada_jax import checkpoints
 from llada_jax import cli
 from llada_jax.model import params
@@ -32,9 +32,9 @@ EXPECTED_SPECS = {
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    cfg = hf_fixtures.hf_config(n_heads=4, n_kv_heads=2)   # heads divisible by tensor=2
-    state = {k: v.bfloat16() for k, v in hf_fixtures.random_state(cfg, seed=4).items()}
-    return hf_fixtures.write_hf_dir(tmp_path_factory.mktemp("hf"), cfg, state)
+    cfg = helpers.hf_config(n_heads=4, n_kv_heads=2)   # heads divisible by tensor=2
+    state = {k: v.bfloat16() for k, v in helpers.random_state(cfg, seed=4).items()}
+    return helpers.write_hf_dir(tmp_path_factory.mktemp("hf"), cfg, state)
 
 
 @pytest.fixture(scope="module")

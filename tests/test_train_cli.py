@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from llada_jax.cli import main
-from tests.train_helpers import make_dataset
+from tests.helpers import make_dataset
 
 ROOT = pathlib.Path(__file__).parents[1]
 

@@ -13,10 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax.train.checkpointing import load_model
-from tests.train_helpers import make_dataset
+from tests.helpers import ROOT, final_params, make_dataset
 
-ROOT = pathlib.Path(__file__).parents[1]
 STEPS = 40
 
 
@@ -59,12 +57,6 @@ def interrupt(cmd, workdir: pathlib.Path, sig: int, after_checkpoint: int):
     out, err = proc.communicate(timeout=300)
     assert still_running, "the run finished before it could be interrupted"
     return proc.returncode, out, err
-
-
-def final_params(workdir):
-    _, model = load_model(workdir)
-    from flax import nnx
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
 def assert_bit_identical(a, b):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipeline import batch as batch_lib
 from llada_jax.train import config as train_config
 
 from llada_jax.train import optim
@@ -22,40 +23,35 @@ MODEL = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_
                     vocab_size=96, mask_token_id=95, dtype="float32")
 
 
-def synthetic_batch(b=8, seq=24, k=6, seed=0):
-    """Two packed segments per row plus padding; teacher top-k from a random distribution."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((b, seq), np.int32)
-    seg[:, :10], seg[:, 10:20] = 1, 2
-    pos = np.where(seg == 1, np.arange(seq), np.arange(seq) - 10).astype(np.int32) * (seg > 0)
-    probs = rng.dirichlet(np.ones(MODEL.vocab_size), (b, seq))
-    ids = np.argsort(-probs, -1)[..., :k].astype(np.int32)
-    return dict(
-        tokens=rng.integers(0, 90, (b, seq)).astype(np.int32) * (seg > 0), positions=pos,
-        segment_ids=seg, prompt_mask=(pos < 3) & (seg > 0), target_mask=seg > 0,
-        teacher_ids=ids,
-        teacher_logprobs=np.log(np.take_along_axis(probs, ids, -1)).astype(np.float32))
+def synthetic_batch(seed=0):
+    """Two packed segments per row plus padding; teacher top-k with a tail."""
+    return batch_lib.synthetic(np.random.default_rng(seed), (8, 24, 6),
+                               vocab_size=MODEL.vocab_size, segments=[(3, 7), (3, 7)],
+                               exclude_id=MODEL.mask_token_id)
 
 
-def setup(**overrides):
+def setup(mesh_axes=None, **overrides):
+    """(initial state, jitted step): the program `train` compiles (`jit_train_step`), on one
+    device or on a mesh of the 8 test devices."""
     config = train_config.load_config(str(TINY), [f"--config.{k}={v}" for k, v in overrides.items()])
-    optimizer = optim.make_optimizer(config.optim, total_steps=20)
-    graphdef, params = nnx.split(LLaDAModel(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
-    state = train_step.init_train_state(params, optimizer)
-    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, MODEL.mask_token_id))
-    return state, step
+    mesh = (sharding.make_mesh(mesh_axes) if mesh_axes else
+            sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    jitted = train_step.jit_train_step(config, MODEL, mesh, sharding.DEFAULT_RULES, total_steps=20)
+    return jitted.random_state(0), jitted
 
 
-def run_steps(state, step, n=3):
+def run_steps(state, jitted, n=3):
     metrics = []
-    for i in range(n):
-        state, m = step(state, synthetic_batch(seed=i), jax.random.key(7))
-        metrics.append(jax.device_get(m))
+    with jax.set_mesh(jitted.mesh), sharding.rules_context(sharding.DEFAULT_RULES):
+        for i in range(n):
+            state, m = jitted.step(state, synthetic_batch(seed=i), jax.random.key(7))
+            metrics.append(jax.device_get(m))
     return state, metrics
 
 
 def max_param_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_gradient_accumulation_matches_full_batch():
@@ -68,20 +64,21 @@ def test_gradient_accumulation_matches_full_batch():
 
 
 def test_non_finite_update_is_skipped_and_counted():
-    state, step = setup()
+    state, jitted = setup()
     batch = synthetic_batch()
-    wte = state.params["wte"][...]
-    poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
-    poisoned.params["wte"][...] = wte.at[int(batch["tokens"][0, 4])].set(jnp.inf)
+    poisoned = jax.tree.map(jnp.copy, state)  # the step donates its input state
+    # a prompt token: never masked, so its embedding row is always read
+    poisoned.params["wte"][...] = poisoned.params["wte"][...].at[int(batch["tokens"][0, 1])].set(
+        jnp.inf)
     before = jax.tree.map(np.asarray, poisoned.params)
-    after, m = step(poisoned, batch, jax.random.key(0))
+    after, m = jitted.step(poisoned, batch, jax.random.key(0))
     assert not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"])
     assert int(m["skipped"]) == 1 and int(after.skipped_steps) == 1 and int(after.step) == 1
     np.testing.assert_array_equal(np.asarray(after.params["ln_f"][...]), before["ln_f"][...])
     np.testing.assert_array_equal(np.asarray(after.params["layers"]["q_proj"][...]),
                                   before["layers"]["q_proj"][...])
     for _ in range(2):  # the clean state still trains (lr is 0 at step 0: warmup from 0)
-        state, m = step(state, batch, jax.random.key(0))
+        state, m = jitted.step(state, batch, jax.random.key(0))
     assert int(m["skipped"]) == 0 and int(state.skipped_steps) == 0
     assert max_param_diff(state.params, setup()[0].params) > 0.0
 
@@ -89,19 +86,7 @@ def test_non_finite_update_is_skipped_and_counted():
 def test_sharded_8_devices_matches_single_device():
     assert jax.device_count() == 8
     s1, m1 = run_steps(*setup())
-    state, step_fn = setup()
-    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-    shard = train_step.state_shardings(jax.eval_shape(lambda: state), mesh, sharding.DEFAULT_RULES)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    config = train_config.load_config(str(TINY))
-    optimizer = optim.make_optimizer(config.optim, total_steps=20)
-    graphdef, _ = nnx.split(LLaDAModel(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
-    step = jax.jit(train_step.make_train_step(graphdef, optimizer, config, MODEL.mask_token_id),
-                   in_shardings=(shard, batch_sh, rep), out_shardings=(shard, rep), donate_argnums=0)
-    state = jax.device_put(state, shard)
-    with jax.set_mesh(mesh), sharding.rules_context(sharding.DEFAULT_RULES):
-        s8, m8 = run_steps(state, step)
+    s8, m8 = run_steps(*setup({"fsdp": 4, "tensor": 2}))
     q_proj = s8.params["layers"]["q_proj"][...]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     np.testing.assert_allclose([m["loss_sum"] for m in m1], [m["loss_sum"] for m in m8], rtol=1e-5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import pathlib
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
+from llada_jax.train import config as train_config
 from llada_jax.train import masking
 from llada_jax.eval import metrics
 from llada_jax.train.checkpointing import load_model
@@ -41,35 +43,27 @@ def _metric_sums(graphdef, params, batch, seed, *, gamma: int, mask_token_id: in
                                        chunk_size=chunk_size)
 
 
-def evaluate_model(model, batches, *, gammas=(4, 8, 16), seed: int = 0,
-                   chunk_size: int = 256, max_batches: int | None = None) -> dict:
-    """Metric means over `batches` (an iterable of batch dicts): `metrics.summarize` output plus
-    'overall' (offsets < max(gammas)) and the number of scored positions."""
+def evaluate_model(model, batches, eval_config, *, max_batches: int | None = None) -> dict:
+    """Metric means of `model` over `batches` (an iterable of batch dicts, global arrays or
+    NumPy): `metrics.summarize` output plus 'overall' (offsets < max(gammas)) and the number of
+    scored positions; {} when there is no batch. eval_config: the config's `eval` section
+    (gammas, seed of the cut points, chunk_size)."""
     graphdef, params = nnx.split(model)
+    gammas = tuple(eval_config.gammas)
     gamma = max(gammas)
     totals = None
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        sums = _metric_sums(graphdef, params, batch, seed + i, gamma=gamma,
-                            mask_token_id=model.cfg.mask_token_id, chunk_size=chunk_size)
+    for i, batch in enumerate(itertools.islice(batches, max_batches)):
+        sums = _metric_sums(graphdef, params, batch, eval_config.seed + i, gamma=gamma,
+                            mask_token_id=model.cfg.mask_token_id,
+                            chunk_size=eval_config.chunk_size)
         sums = jax.device_get(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if totals is None:
         return {}
-    out = metrics.summarize(totals, tuple(gammas))
+    out = metrics.summarize(totals, gammas)
     out["overall"] = {k: v for k, v in out[f"gamma={gamma}"].items() if v is not None}
     out["scored_positions"] = float(np.sum(totals["count"]))
     return out
-
-
-def evaluate_state(trainer, state, *, max_batches: int) -> dict:
-    """Periodic eval inside `train`: the trainer's model with the state's params."""
-    model = nnx.merge(trainer.graphdef, state.params)
-    batches = trainer.make_iterator(trainer.config.data.eval_split, shuffle=False, num_epochs=1)
-    return evaluate_model(model, (trainer.to_global(b) for b in batches),
-                          gammas=tuple(trainer.config.eval.gammas), chunk_size=trainer.config.loss.chunk_size,
-                          max_batches=max_batches)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="row length (default: the dataset's longest example)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cut points")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="scored positions per LM-head chunk (default: config eval.chunk_size)")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the JSON report here too")
     parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
@@ -98,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,
                                       seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
                                       pack=True)
-    results = evaluate_model(model, batches, gammas=tuple(args.gamma), seed=args.seed,
-                             max_batches=args.max_batches)
+    eval_config = train_config.default_config().eval
+    eval_config.update(gammas=tuple(args.gamma), seed=args.seed)
+    if args.chunk_size:
+        eval_config.chunk_size = args.chunk_size
+    results = evaluate_model(model, batches, eval_config, max_batches=args.max_batches)
     if not results:
         print(f"llada-jax eval: split {args.split!r} of {args.data} has no examples", file=sys.stderr)
         return 2

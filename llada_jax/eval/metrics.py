@@ -1,14 +1,15 @@
 """Speculative-decoding quality of the drafter against the teacher's stored top-k.
 
 Per scored position (DESIGN.md, "Speculative-decoding metrics"), with p the teacher and q the
-student over the buckets S ∪ {tail} of `loss.bucket_logprobs`:
+student over the buckets S ∪ {tail} of `divergences.bucket_logprobs`:
 - alpha_lower = sum_{i in S} min(p_i, q_i): acceptance probability counted on S only;
 - alpha_upper = alpha_lower + min(p_tail, q_tail): the best the unknown tail could add
   (= 1 - TVD over the buckets);
 - top1: student argmax over the full vocabulary == the teacher's top-1 id;
 - kl: KL(p || q), the training loss at T = 1.
 Sums are taken per offset within the drafted block (see `masking.drafting_batch`) through the
-same chunked LM-head machinery as the loss, and returned as (sum, count) so hosts can add them.
+same sequence chunker as the loss (`chunked_head`: only the scored positions pass through the
+LM head), and returned as (sum, count) so hosts can add them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llada_jax.train import loss
+from llada_jax.train import chunked_head
+from llada_jax.train import divergences as div
 
 METRICS = ("kl", "alpha_lower", "alpha_upper", "top1")
 
@@ -25,13 +27,25 @@ def position_metrics(logits_bcv: jax.Array, teacher_ids_bck: jax.Array,
                      teacher_logprobs_bck: jax.Array, temperature: float = 1.0
                      ) -> dict[str, jax.Array]:
     """{metric: float32 [B, C]} for every position (callers pick the scored ones)."""
-    logp, logq = loss.bucket_logprobs(logits_bcv, teacher_ids_bck, teacher_logprobs_bck,
-                                      temperature)
+    stats = div.student_stats(logits_bcv, teacher_ids_bck, teacher_logprobs_bck > div.NEG_INF,
+                              temperature)
+    logp, logq = div.bucket_logprobs_from_stats(stats, teacher_logprobs_bck, temperature)
     overlap = jnp.minimum(jnp.exp(logp), jnp.exp(logq))
     alpha_lower = jnp.sum(overlap[..., :-1], axis=-1)
-    top1 = jnp.argmax(logits_bcv, axis=-1) == teacher_ids_bck[..., 0]
-    return {"kl": loss.divergence(logp, logq, "kl"), "alpha_lower": alpha_lower,
+    top1 = stats.top1 == teacher_ids_bck[..., 0]
+    return {"kl": div.divergence(logp, logq, "kl"), "alpha_lower": alpha_lower,
             "alpha_upper": alpha_lower + overlap[..., -1], "top1": top1.astype(jnp.float32)}
+
+
+def bin_sums(values: dict[str, jax.Array], bin_bc: jax.Array, n_bins: int
+             ) -> dict[str, jax.Array]:
+    """{name: [B, C] per position} -> {name: [n_bins] sum, 'count': [n_bins]}; bin -1 = skip."""
+    onehot_bcn = (bin_bc[..., None] == jnp.arange(n_bins)).astype(jnp.float32)
+    counted = bin_bc >= 0
+    sums = {name: jnp.einsum("bc,bcn->n", jnp.where(counted, v.astype(jnp.float32), 0.0),
+                             onehot_bcn) for name, v in values.items()}
+    sums["count"] = jnp.sum(onehot_bcn, axis=(0, 1))
+    return sums
 
 
 def drafter_metric_sums(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
@@ -41,13 +55,24 @@ def drafter_metric_sums(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_b
     """Per-offset sums: {metric: float32 [gamma]} and 'count': float32 [gamma].
 
     offset_bl int [B, L]: the position's offset in its drafted block, -1 (or >= gamma) = not
-    scored. hidden_bld [B, L, D], head_dv [D, V], teacher arrays [B, L, K].
+    scored. hidden_bld [B, L, D], head_dv [D, V], teacher arrays [B, L, K]. Each row's scored
+    positions are gathered to its front and only they pass through the head, in sequence chunks
+    of `chunk_size` (all rows at once, so a batch axis sharded over devices stays sharded).
     """
-    bins = jnp.where((offset_bl >= 0) & (offset_bl < gamma), offset_bl, -1)
-    return loss.chunked_position_sums(
-        lambda logits, ids, lps: position_metrics(logits, ids, lps, temperature),
-        hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, bins,
-        n_bins=gamma, chunk_size=chunk_size)
+    bins = jnp.where((offset_bl >= 0) & (offset_bl < gamma), offset_bl, -1).astype(jnp.int32)
+    c = chunked_head.compact(bins >= 0, ((hidden_bld, 0), (teacher_ids_blk, 0),
+                                         (teacher_logprobs_blk, div.NEG_INF), (bins, -1)),
+                             chunk_size)
+
+    def piece(sums, start, chunk_xs):
+        del start
+        h_bcd, ids_bck, lps_bck, bins_bc = chunk_xs
+        logits_bcv = jnp.einsum("bcd,dv->bcv", h_bcd, head_dv, preferred_element_type=jnp.float32)
+        new = bin_sums(position_metrics(logits_bcv, ids_bck, lps_bck, temperature), bins_bc, gamma)
+        return jax.tree.map(jnp.add, sums, new)
+
+    init = {name: jnp.zeros((gamma,), jnp.float32) for name in METRICS + ("count",)}
+    return chunked_head.over_positions(piece, init, c)
 
 
 def expected_tokens_per_call(alpha, gamma: int):

@@ -36,6 +36,8 @@ from llada_jax.model.modeling import LLaDAModel
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# The HF remote code written for this project (configuration_llada.py, modeling_llada.py).
+HF_REMOTE_CODE = pathlib.Path(__file__).parent / "hf_remote"
 # Files of an HF dir that are weights or that export writes itself; everything else is copied.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack)$|.*\.index\.json$|config\.json$")
 _MAX_LISTED = 50  # problems shown in one error; the count says how many there are
@@ -257,8 +259,9 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
     """Writes an HF LLaDA dir (sharded safetensors + index, config.json); returns the shard names.
 
     Tensors keep the params' dtype unless `dtype` is given. From `source_hf_dir` every file that is
-    not weights or config.json is copied (tokenizer files, remote code *.py, generation config),
-    so `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result.
+    not weights or config.json is copied (tokenizer files, remote code *.py, generation config);
+    without one, the project's own remote code (`hf_remote/`) is. Either way
+    `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result.
     """
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -283,6 +286,9 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
     _write_config(cfg, out_dir, dtype or cfg.param_dtype)
     if source_hf_dir is not None:
         _copy_support_files(pathlib.Path(source_hf_dir), out_dir)
+    else:  # the project's own remote code, which config.json's auto_map names
+        for code in sorted(HF_REMOTE_CODE.glob("*.py")):
+            shutil.copy2(code, out_dir / code.name)
     return names
 
 

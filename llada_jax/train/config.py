@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
     c.loss.temperature = 1.0
     c.loss.beta = 0.5                  # jsd only: beta KL(p || m) + (1 - beta) KL(q || m)
-    # How the LM head is cut (llada_jax/loss.py): "sequence" chunks of chunk_size positions
+    # How the LM head is cut (llada_jax/train/chunked_head.py): "sequence" chunks of chunk_size positions
     # (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V] logits),
     # or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one head-gradient
     # reduction across devices). vocab_tile also cuts the sequence path's head-gradient adds.
@@ -85,8 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpointing = True
 
+    # Drafter metrics (llada_jax/eval/evaluate.py), the same in `train`'s periodic eval, the
+    # demo and `llada-jax eval`.
     c.eval = ml_collections.ConfigDict()
     c.eval.gammas = (4, 8)
+    c.eval.seed = 0                    # seed of the drafting cut points
+    c.eval.chunk_size = 256            # scored positions per LM-head chunk
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1: every device not used by fsdp/tensor

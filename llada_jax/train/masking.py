@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MODES = ("original", "masked_only", "full", "prefix_block")
+from data_pipeline.batch import Batch
 
-Batch = dict[str, jax.Array]
+MODES = ("original", "masked_only", "full", "prefix_block")
 
 
 def response_mask(batch: Batch) -> jax.Array:

@@ -19,10 +19,10 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
 
+from data_pipeline import batch as batch_lib
 from llada_jax import sharding
 
 from llada_jax.train import config as train_config
@@ -107,25 +107,13 @@ class CompileReport:
         return self.total_bytes <= self.hbm_bytes
 
 
-def abstract_batch(batch_size: int, seq_len: int, top_k: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The loader's batch (DESIGN.md "Batch format") as shapes."""
-    bl, blk = (batch_size, seq_len), (batch_size, seq_len, top_k)
-    return {"tokens": jax.ShapeDtypeStruct(bl, jnp.int32),
-            "positions": jax.ShapeDtypeStruct(bl, jnp.int32),
-            "segment_ids": jax.ShapeDtypeStruct(bl, jnp.int32),
-            "prompt_mask": jax.ShapeDtypeStruct(bl, jnp.bool_),
-            "target_mask": jax.ShapeDtypeStruct(bl, jnp.bool_),
-            "teacher_ids": jax.ShapeDtypeStruct(blk, jnp.int32),
-            "teacher_logprobs": jax.ShapeDtypeStruct(blk, jnp.float32)}
-
-
 def lower_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                      devices: list[jax.Device], *, top_k: int = 64,
                      rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[jax.stages.Lowered, Any]:
     """(lowered step, mesh): the Trainer's jit signature over abstract state and batch."""
     mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES}, devices)
     jitted = train_step.jit_train_step(config, model_cfg, mesh, rules, total_steps=1000)
-    batch = abstract_batch(config.data.global_batch_size, config.data.seq_len, top_k)
+    batch = batch_lib.abstract((config.data.global_batch_size, config.data.seq_len, top_k))
     rng = jax.eval_shape(lambda: jax.random.key(0))
     # A training run's own matmul precision: a global "highest" (the tests set it for CPU
     # numerics) makes Mosaic reject the splash kernel's bf16 matmuls.

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from data_pipeline.batch import Batch
 from llada_jax.train import loss as loss_lib
 from llada_jax.train import masking
 from llada_jax.train import optim
@@ -23,7 +24,6 @@ from llada_jax import sharding
 from llada_jax.model.config import ModelConfig
 from llada_jax.model.modeling import LLaDAModel
 
-Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -136,6 +136,17 @@ class JittedStep:
     state_sharding: Any
     batch_sharding: jax.sharding.NamedSharding
     replicated: jax.sharding.NamedSharding
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+
+    def random_state(self, seed: int) -> TrainState:
+        """A freshly initialised state (random params), made sharded in place on the mesh."""
+        def init():
+            model = LLaDAModel(self.model_cfg, rngs=nnx.Rngs(seed))
+            return init_train_state(nnx.state(model, nnx.Param), self.optimizer)
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.state_sharding)()
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
@@ -152,4 +163,4 @@ def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
                    in_shardings=(state_sharding, batch_sharding, replicated),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
     return JittedStep(step, graphdef, optimizer, abstract_state, state_sharding, batch_sharding,
-                      replicated)
+                      replicated, model_cfg, mesh)

@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
-from data_pipeline import records
 from llada_jax import checkpoints
 from llada_jax import sharding
+from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
 from llada_jax.train import optim
 from llada_jax.train import train_step
@@ -32,7 +32,6 @@ from llada_jax.train.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_
 from llada_jax.model.config import ModelConfig
 from llada_jax.train.config import ConfigError
 from llada_jax.train.metrics_writer import MetricsLogger
-from llada_jax.model.modeling import LLaDAModel
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
@@ -100,35 +99,6 @@ def estimate_total_steps(config: ml_collections.ConfigDict, num_train_tokens: fl
     return max(1, math.ceil(rows * config.train.num_epochs / config.data.global_batch_size))
 
 
-MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
-EOS_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|eot|>", "</s>", "<eos>")
-
-
-def student_special_ids(tokenizer_path: str, mask_token: str) -> tuple[int, int | None]:
-    """(mask id, eos id or None) of the student tokenizer the dataset was made with."""
-    from tokenizers import Tokenizer
-
-    path = pathlib.Path(tokenizer_path)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
-    candidates = (mask_token,) if mask_token else MASK_TOKENS
-    mask_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
-    if mask_id is None:
-        raise ConfigError(f"the student tokenizer {tokenizer_path} has none of the mask tokens "
-                          f"{candidates}; set --config.model.mask_token to its mask token")
-    eos_id = next((tok.token_to_id(t) for t in EOS_TOKENS if tok.token_to_id(t) is not None), None)
-    return mask_id, eos_id
-
-
-def mean_example_length(data_dir: str, split: str = "train", sample: int = 512) -> float:
-    """Mean stored example length over an evenly spaced sample of the split (random access)."""
-    source = records.open_split(data_dir, split)
-    n = len(source)
-    if n == 0:
-        raise ConfigError(f"{data_dir}: split {split!r} is empty; nothing to train on")
-    picks = np.linspace(0, n - 1, min(n, sample)).astype(int)
-    return float(np.mean([len(source[int(i)]["tokens"]) for i in picks]))
-
-
 def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_token_id: int,
                      eos_token_id: int | None) -> ModelConfig:
     """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
@@ -160,20 +130,18 @@ class Trainer:
         self.mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES})
         self.rules = sharding.DEFAULT_RULES
         self.meta = data_loader.read_metadata(config.data.dir)
-        self.num_data_shards = config.data.num_shards or jax.process_count()
-        if (self.num_data_shards % jax.process_count()
-                or config.data.global_batch_size % self.num_data_shards):
-            raise ConfigError(f"data.num_shards={self.num_data_shards} must be a multiple of the "
-                              f"{jax.process_count()} processes and divide "
-                              f"data.global_batch_size={config.data.global_batch_size}")
-        mask_id, eos_id = student_special_ids(self.meta.options["student_tokenizer"],
-                                              config.model.mask_token)
+        self.num_data_shards, self.shards = data_loader.host_shards(
+            config.data.global_batch_size, config.data.num_shards)
+        mask_id, eos_id = self.meta.mask_and_eos_ids(config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
-        train_tokens = self.meta.num_examples["train"] * mean_example_length(config.data.dir)
+        train_tokens = self.meta.num_tokens["train"]
+        if train_tokens == 0:
+            raise ConfigError(f"{config.data.dir}: split 'train' is empty; nothing to train on")
         self.total_steps = estimate_total_steps(config, train_tokens)
         self.schedule = optim.learning_rate_schedule(config.optim, self.total_steps)
         jitted = train_step.jit_train_step(config, self.model_cfg, self.mesh, self.rules,
                                            self.total_steps)
+        self.jitted = jitted
         self.step_fn, self.graphdef, self.optimizer = jitted.step, jitted.graphdef, jitted.optimizer
         self.abstract_state, self.state_sharding = jitted.abstract_state, jitted.state_sharding
         self.batch_sharding = jitted.batch_sharding
@@ -184,11 +152,7 @@ class Trainer:
     def initial_state(self) -> train_step.TrainState:
         m = self.config.model
         if m.init == "random":
-            def init():
-                model = LLaDAModel(self.model_cfg, rngs=nnx.Rngs(m.init_seed))
-                return train_step.init_train_state(nnx.state(model, nnx.Param), self.optimizer)
-            with jax.set_mesh(self.mesh):
-                return jax.jit(init, out_shardings=self.state_sharding)()
+            return self.jitted.random_state(m.init_seed)
         _, model = checkpoints.load_params(m.init, mesh=self.mesh, rules=self.rules,
                                              dtype=self.model_cfg.param_dtype)
         return jax.jit(lambda p: train_step.init_train_state(p, self.optimizer),
@@ -197,13 +161,10 @@ class Trainer:
     def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):
         """This host's rows of each global batch, from its data shards (see HostShards)."""
         d = self.config.data
-        num_shards = self.num_data_shards
-        per_host = num_shards // jax.process_count()
-        first = jax.process_index() * per_host
         return HostShards([data_loader.make_loader(
             d.dir, split, batch_size=d.global_batch_size, seq_len=d.seq_len, seed=d.seed,
             shuffle=shuffle, num_epochs=num_epochs, pack=d.pack, shard_index=i,
-            shard_count=num_shards) for i in range(first, first + per_host)])
+            shard_count=self.num_data_shards) for i in self.shards])
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -270,11 +231,17 @@ class Trainer:
         self.final_state = state
         return last
 
-    def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
-        """Periodic held-out metrics under the drafting condition (evaluate.py)."""
-        from llada_jax.eval import evaluate
+    def evaluate(self, state, max_batches: int | None = None) -> dict:
+        """Held-out drafter metrics of the state's params (`evaluate.evaluate_model`, the
+        function `llada-jax eval` runs) on the eval split; {} if it is empty."""
+        model = nnx.merge(self.graphdef, state.params)
+        batches = self.make_iterator(self.config.data.eval_split, shuffle=False, num_epochs=1)
+        return evaluate.evaluate_model(model, (self.to_global(b) for b in batches),
+                                       self.config.eval, max_batches=max_batches)
 
-        results = evaluate.evaluate_state(self, state, max_batches=self.config.train.eval_batches)
+    def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
+        """Periodic held-out metrics under the drafting condition."""
+        results = self.evaluate(state, max_batches=self.config.train.eval_batches)
         if results:
             logger.write(step, results["overall"], prefix="eval")
 

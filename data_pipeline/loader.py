@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from data_pipeline import records
+from data_pipeline.errors import DataError
 
 _PAD = {"tokens": 0, "prompt_mask": False, "target_mask": False, "teacher_ids": 0,
         "teacher_logprobs": -np.inf}
@@ -65,14 +66,14 @@ def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
         import jax
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if batch_size % shard_count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by the "
+        raise DataError(f"global batch_size {batch_size} is not divisible by the "
                          f"{shard_count} hosts")
     rows = batch_size // shard_count
     top_k = top_k or read_metadata(data_dir).top_k
     ds = grain.MapDataset.source(records.open_split(data_dir, split))
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
+        raise DataError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
                          f"of {shard_count}")
     if shuffle:
         ds = ds.shuffle(seed=seed)

@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from data_pipeline import records, worker
 from data_pipeline.convert import Converter, Options, Result
+from data_pipeline.errors import DataError
 from data_pipeline.reader import RecordSpan, expand_inputs, iter_record_spans
 from data_pipeline.report import Report
 
@@ -54,16 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = preprocess(
-            expand_inputs(args.input), args.out,
-            Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
-                    args.teacher_vocab_size, args.overlength, args.validation_fraction),
-            workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
-            overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"preprocess: {e}", file=sys.stderr)
-        return 2
+    report = preprocess(
+        expand_inputs(args.input), args.out,
+        Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
+                args.teacher_vocab_size, args.overlength, args.validation_fraction),
+        workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
+        overwrite=args.overwrite)
     summary = {k: report[k] for k in ("read", "written", "skipped", "coverage",
                                       "bytes_per_response_token") if k in report}
     print(json.dumps(summary, indent=2))
@@ -74,7 +71,7 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                in_flight_bytes: int = 256 << 20, overwrite: bool = False) -> dict:
     """Builds (or reuses) the dataset under `out`; returns the report dict."""
     if opts.top_k < 1 or opts.max_length < 1:
-        raise ValueError("--top-k and --max-length must be positive")
+        raise DataError("--top-k and --max-length must be positive")
     converter = Converter(opts)  # validates the tokenizers before any worker starts
     metadata = _metadata(opts, converter)
     final = os.path.join(out, records.NAME, records.VERSION)
@@ -132,7 +129,7 @@ def _reuse(final: str, metadata: dict) -> dict:
     with open(os.path.join(final, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     if report["metadata"] != json.loads(json.dumps(metadata)):
-        raise ValueError(f"{final} was built with other options ({report['metadata']['options']});"
+        raise DataError(f"{final} was built with other options ({report['metadata']['options']});"
                          " pass --overwrite to rebuild it, or choose another --out")
     print(f"preprocess: reusing the finished dataset in {final}", file=sys.stderr)
     return report

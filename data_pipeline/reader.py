@@ -23,6 +23,8 @@ import os
 import re
 from collections.abc import Iterator
 
+from data_pipeline.errors import DataError
+
 _STR = rb'"(?:[^"\\]++|\\.)*+"'
 _ATOM = rb'[^"\[\]{}]++|' + _STR
 
@@ -79,7 +81,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
-            raise ValueError(f"--input {pattern!r}: no such file")
+            raise DataError(f"--input {pattern!r}: no such file")
         files.extend(m for m in matched if m not in files)
     return files
 

@@ -22,7 +22,6 @@ import sys
 import time
 
 ASSETS = pathlib.Path(__file__).parent / "demo_assets"
-TINY_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
 STRATEGIES = ("original", "masked_only", "prefix_block")
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for mode in modes:
         overrides = demo_overrides(data_dir, args.steps, mode, args.student)
-        config = train_config.load_config(str(TINY_CONFIG), overrides)
+        config = train_config.load_config("tiny", overrides)
         workdir = out / ("run" if len(modes) == 1 else f"run_{mode}")
         results[config.loss.mask_mode] = align_student(config, workdir)
     if args.compare_strategies:
@@ -154,7 +153,7 @@ def align_student(config, workdir: pathlib.Path) -> dict:
 
 
 def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
-    from llada_jax.train.checkpointing import load_model
+    from llada_jax.checkpoints import load_model
     from llada_jax.model.params import save_hf
 
     _, model = load_model(workdir)

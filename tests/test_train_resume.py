@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax.train.checkpointing import load_model
+from llada_jax.checkpoints import load_model
 from tests.train_helpers import make_dataset
 
 ROOT = pathlib.Path(__file__).parents[1]

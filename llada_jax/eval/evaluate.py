@@ -16,16 +16,16 @@ import argparse
 import functools
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
+from llada_jax.errors import DataError
 from llada_jax.train import masking
 from llada_jax.eval import metrics
-from llada_jax.train.checkpointing import load_model
+from llada_jax.checkpoints import load_model
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gamma", "mask_token_id", "chunk_size"))
@@ -88,12 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        _, model = load_model(args.ckpt)
-        meta = data_loader.read_metadata(args.data)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"llada-jax eval: {err}", file=sys.stderr)
-        return 2
+    meta = data_loader.read_metadata(args.data)  # the cheap check first
+    _, model = load_model(args.ckpt)
     seq_len = args.seq_len or meta.max_length
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,
                                       seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
@@ -101,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_model(model, batches, gammas=tuple(args.gamma), seed=args.seed,
                              max_batches=args.max_batches)
     if not results:
-        print(f"llada-jax eval: split {args.split!r} of {args.data} has no examples", file=sys.stderr)
-        return 2
+        raise DataError(f"split {args.split!r} of {args.data} has no examples")
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

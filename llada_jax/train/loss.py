@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 KINDS = ("kl", "reverse_kl", "jsd", "tvd")
+CHUNK_AXES = ("sequence", "vocab")  # how distill_loss cuts the LM head
 # Reverse KL needs log p where q > 0. A teacher bucket with zero mass (the tail of a renormalised
 # top-5 record) would make it infinite; such buckets are given this probability instead.
 REVERSE_KL_TEACHER_FLOOR = 1e-8
@@ -527,7 +528,7 @@ _fused_sequence_loss.defvjp(_fused_sequence_loss_fwd, _fused_sequence_loss_bwd)
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                  teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
                  temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5,
-                 chunk_axis: str = "vocab", vocab_tile: int = VOCAB_TILE
+                 chunk_axis: str = "sequence", vocab_tile: int = VOCAB_TILE
                  ) -> tuple[jax.Array, jax.Array]:
     """(sum over loss positions of the divergence, number of loss positions), both float32 [].
 
@@ -548,7 +549,7 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
         return total, jnp.sum(loss_mask_bl).astype(jnp.float32)
 
     if chunk_axis != "vocab":
-        raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose 'vocab' or 'sequence' "
+        raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose one of {CHUNK_AXES} "
                          "(config field loss.chunk_axis)")
     stats = vocab_tiled_stats(hidden_bld, head_dv, teacher_ids_blk,
                               teacher_logprobs_blk > NEG_INF, temperature=temperature,

@@ -282,8 +282,11 @@ def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
 def load_teacher(ckpt: str | pathlib.Path,
                  tokenizer_dir: str | pathlib.Path) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
     """A params checkpoint in float32 (params and compute) and its tokenizer directory."""
+    if not pathlib.Path(tokenizer_dir, "tokenizer_config.json").is_file():
+        raise GenerateError(f"--tokenizer {tokenizer_dir} is not an HF tokenizer directory (no "
+                            f"tokenizer_config.json); pass the teacher's local tokenizer dir")
     _, model = load_params(ckpt, dtype="float32", compute_dtype="float32")
-    return model, AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return model, AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
 def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path,

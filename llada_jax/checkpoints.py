@@ -75,7 +75,8 @@ def save_params(path: str | pathlib.Path, model: LLaDAModel) -> pathlib.Path:
 
 
 def write_model_config(directory: str | pathlib.Path, cfg: ModelConfig) -> None:
-    (pathlib.Path(directory) / CONFIG_NAME).write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+    text = json.dumps(cfg.to_hf_config(), indent=2) + "\n"
+    (pathlib.Path(directory) / CONFIG_NAME).write_text(text)
 
 
 def load_config(path: str | pathlib.Path, **run_settings) -> ModelConfig:

@@ -1,11 +1,12 @@
 """HF LLaDA safetensors <-> Flax NNX params, streamed one tensor at a time.
 
-One table (`HF_KEY_RULES`) names every HF tensor and the stacked Flax param it belongs to: an HF-key
-pattern ("{layer}" = block index), the Flax path, and the layout transform (torch Linear weights
-are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]). Import checks the whole key set
-and every shape first and raises one error listing all problems; then it fills each stacked param
-layer by layer on the host, places it on devices (with its sharding, given a mesh) and frees the
-host copy, so the host never holds the model twice. Export writes the inverse, shard by shard.
+One table (`HF_KEY_RULES`; not the sharding `rules`) names every HF tensor and the stacked Flax
+param it belongs to: an HF-key pattern ("{layer}" = block index), the Flax path, and the layout
+transform (torch Linear weights are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]).
+Import checks the whole key set and every shape first and raises one error listing all problems;
+then it fills each stacked param layer by layer on the host, places it on devices (with its
+sharding, given a mesh) and frees the host copy, so the host never holds the model twice. Export
+writes the inverse, shard by shard.
 
     cfg, model = load_hf("path/to/LLaDA-8B-Instruct", dtype="bfloat16")
     logits_blv = model(jnp.asarray([[126080, 42, 126336]]))

@@ -150,7 +150,7 @@ def shipped_configs() -> list[str]:
 
 def _config_module(name: str):
     """A shipped config by name, or a file path (anything with a '/' or ending in .py)."""
-    if name.endswith(".py") or os.sep in name or "/" in name:
+    if name.endswith(".py") or "/" in name:
         path = pathlib.Path(name)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a file or a shipped "
@@ -248,7 +248,8 @@ _RANGES = {
     "optim.final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.eps": (lambda v: v > 0, "> 0"), "optim.max_grad_norm": (lambda v: v > 0, "> 0"),
     "optim.grad_accum_steps": (lambda v: v >= 1, ">= 1"),
     "train.num_epochs": (lambda v: v >= 1, ">= 1"),
@@ -263,12 +264,13 @@ _RANGES = {
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             for_training: bool = False) -> None:
+             num_processes: int = 1, for_training: bool = False) -> None:
     """Raises one ConfigError listing every field that is wrong, and what it may be.
 
     Checks every choice field and numeric range, the mesh rules, the paths that are set
     (data.dir a `preprocess` output, model.init a params checkpoint); with `num_devices` the
-    mesh against the devices and the global batch against the data/mesh split; with
+    mesh against the devices and the global batch against the mesh's batch axes and the data
+    shards of `num_processes`; with
     `for_training` that data.dir and model.init are set.
     """
     get = lambda field: config[field.split(".")[0]][field.split(".")[1]]
@@ -277,7 +279,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     problems += [f"{field}={get(field)!r} must be {want}" for field, (ok, want) in _RANGES.items()
                  if not (field == "loss.beta" and config.loss.kind != "jsd") and not ok(get(field))]
     problems += _path_problems(config, for_training)
-    problems += _mesh_problems(config, num_devices)
+    problems += _mesh_problems(config, num_devices, num_processes)
     if problems:
         raise ConfigError("invalid config (fix these with --config.FIELD=VALUE or in the config "
                           "file):\n  " + "\n  ".join(problems))
@@ -293,8 +295,9 @@ def _path_problems(config: ml_collections.ConfigDict, for_training: bool) -> lis
     if init and init != "random":
         kind = checkpoints.checkpoint_kind(init)
         if kind != "params":
-            problems.append(f"model.init={init!r} is {checkpoints.describe_kind(kind)}; it must be a "
-                            f"params checkpoint (`llada-jax import-hf --out DIR`) or \"random\"")
+            problems.append(f"model.init={init!r} is {checkpoints.describe_kind(kind)}; it must "
+                            f"be a params checkpoint (`llada-jax import-hf --out DIR`) or "
+                            f"\"random\"")
     if for_training and not data_dir:
         problems.append("data.dir is empty: pass --config.data.dir=DATA_DIR (a `llada-jax "
                         "preprocess` output)")
@@ -304,7 +307,8 @@ def _path_problems(config: ml_collections.ConfigDict, for_training: bool) -> lis
     return problems
 
 
-def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
+def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None,
+                   num_processes: int) -> list[str]:
     rules = config.mesh.rules
     axes_ok = lambda a: a is None or a in sharding.MESH_AXES or (
         isinstance(a, (tuple, list)) and all(x in sharding.MESH_AXES for x in a))
@@ -327,7 +331,8 @@ def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None) -
                         f"optim.grad_accum_steps={config.optim.grad_accum_steps} x the "
                         f"{math.prod(sizes[a] for a in batch_axes)} devices of the batch axes "
                         f"{batch_axes} (mesh {sizes})")
-    if config.data.num_shards and gbs % config.data.num_shards:
-        problems.append(f"data.global_batch_size={gbs} must be a multiple of "
-                        f"data.num_shards={config.data.num_shards}")
+    shards = config.data.num_shards or num_processes
+    if shards % num_processes or gbs % shards:
+        problems.append(f"data.num_shards={shards} must be a multiple of the {num_processes} "
+                        f"processes and divide data.global_batch_size={gbs}")
     return problems

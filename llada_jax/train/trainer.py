@@ -144,7 +144,8 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                  progress: bool = True):
-        train_config.validate(config, num_devices=jax.device_count(), for_training=True)
+        train_config.validate(config, num_devices=jax.device_count(),
+                              num_processes=jax.process_count(), for_training=True)
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.progress = progress
@@ -152,11 +153,6 @@ class Trainer:
         self.rules = config.mesh.rules
         self.meta = data_loader.read_metadata(config.data.dir)
         self.num_data_shards = config.data.num_shards or jax.process_count()
-        if (self.num_data_shards % jax.process_count()
-                or config.data.global_batch_size % self.num_data_shards):
-            raise ConfigError(f"data.num_shards={self.num_data_shards} must be a multiple of the "
-                              f"{jax.process_count()} processes and divide "
-                              f"data.global_batch_size={config.data.global_batch_size}")
         mask_id, eos_id = student_special_ids(self.meta.options["student_tokenizer"],
                                               config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)

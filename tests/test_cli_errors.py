@@ -111,6 +111,10 @@ CASES = [
     (["eval", "--ckpt", "<WORK>", "--data", "/nonexistent"], ["/nonexistent is not a dataset made by `llada-jax preprocess`"]),
     ([*EVAL, "--split", "test"], ["has no split 'test'", "['train', 'validation']"]),
     ([*EVAL, "--gamma", "four"], ["--gamma", "invalid int value"]),
+    ([*EVAL, "--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
+    ([*EVAL, "--gamma", "4", "0"], ["--gamma must be at least 1 (got 0)"]),
+    ([*EVAL, "--seq-len", "0", "--max-batches", "0"], ["--seq-len must be at least 1",
+                                                       "--max-batches must be at least 1"]),
     # generate-teacher
     ([*GEN[:4], "/nonexistent", *GEN[5:]], ["--tokenizer /nonexistent is not an HF tokenizer"]),
     (["generate-teacher", "--teacher", "/nonexistent", *GEN[3:]], ["/nonexistent/config.json does not exist"]),

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
-from llada_jax.errors import DataError
+from llada_jax.errors import DataError, UserError
 from llada_jax.train import masking
 from llada_jax.eval import metrics
 from llada_jax.checkpoints import load_model
@@ -88,7 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = data_loader.read_metadata(args.data)  # the cheap check first
+    small = [f"--{name.replace('_', '-')} must be at least 1 (got {value})"
+             for name, value in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                 ("max_batches", args.max_batches), ("gamma", min(args.gamma)))
+             if value is not None and value < 1]
+    if small:
+        raise UserError("; ".join(small))
+    meta = data_loader.read_metadata(args.data)  # the cheap checks first
     _, model = load_model(args.ckpt)
     seq_len = args.seq_len or meta.max_length
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,

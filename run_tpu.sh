@@ -35,7 +35,8 @@ Options:
                                                v5p v2-alpha-tpuv5, v5litepod v2-alpha-tpuv5-lite,
                                                v6e v2-alpha-tpuv6e
   --tpu-name NAME        LLADA_TPU_NAME        default llada-jax-TYPE
-  --config SPEC          LLADA_CONFIG          default configs/llada_8b.py (FILE or FILE:VARIANT)
+  --config SPEC          LLADA_CONFIG          default configs/llada_8b.py (FILE[:VARIANT], or a
+                                               shipped name: tiny, llada_8b:v5e_64, ...)
   --config.KEY=VALUE     config overrides, passed to the trainer unchanged (repeatable)
   --env KEY=VALUE        extra environment for the trainer on every worker (repeatable),
                          e.g. --env LIBTPU_INIT_ARGS=--xla_tpu_scoped_vmem_limit_kib=98304
@@ -183,9 +184,11 @@ validate_args() {
     [[ $WORKDIR == gs://?* ]] \
         || die "workdir '${WORKDIR}' must be a gs:// path that every worker can reach:" \
                "pass --workdir gs://BUCKET/DIR or set LLADA_WORKDIR"
-    if [[ -z $REPO_URL ]] && ! git -C "$REPO_ROOT" cat-file -e "HEAD:${CONFIG%%:*}" 2>/dev/null; then
-        die "config file ${CONFIG%%:*} is not in the committed HEAD that gets copied to the workers:" \
-            "commit it, or pass --config FILE"
+    local config_file=${CONFIG%%:*}
+    [[ $config_file == */* || $config_file == *.py ]] || config_file="configs/${config_file}.py"
+    if [[ -z $REPO_URL ]] && ! git -C "$REPO_ROOT" cat-file -e "HEAD:${config_file}" 2>/dev/null; then
+        die "config ${CONFIG%%:*} (${config_file}) is not in the committed HEAD that gets copied" \
+            "to the workers: commit it, or pass --config FILE or a shipped name"
     fi
 }
 

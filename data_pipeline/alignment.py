@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from data_pipeline import fileio
+from data_pipeline.errors import DataError
 
 SCHEMES = ("plain", "byte_level", "sentencepiece")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -65,11 +66,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.isfile(file):
         return Tokenizer.from_file(file)
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer {path!r}: no such file or directory (local paths only)")
+        raise DataError(f"tokenizer {path!r}: no such file or directory (local paths only)")
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not hasattr(hf, "backend_tokenizer"):
-        raise ValueError(f"tokenizer {path!r}: needs a fast (tokenizer.json) tokenizer")
+        raise DataError(f"tokenizer {path!r}: needs a fast (tokenizer.json) tokenizer")
     return hf.backend_tokenizer
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from data_pipeline import batch as batch_lib
 from data_pipeline import records
+from data_pipeline.errors import DataError
 
 _PAD = {k: batch_lib.PAD[k] for k in batch_lib.EXAMPLE_FIELDS}  # before packing
 # Special tokens the trainer looks for when the config names none (the first one present wins).
@@ -61,7 +62,7 @@ class DatasetMeta:
         mask_id = next((self.special_tokens[t] for t in candidates if t in self.special_tokens),
                        None)
         if mask_id is None:
-            raise ValueError(f"the student tokenizer {self.options['student_tokenizer']} has "
+            raise DataError(f"the student tokenizer {self.options['student_tokenizer']} has "
                              f"none of the mask tokens {candidates} among its special tokens; "
                              "set --config.model.mask_token to its mask token")
         eos_id = next((self.special_tokens[t] for t in EOS_TOKENS if t in self.special_tokens),
@@ -72,7 +73,7 @@ class DatasetMeta:
     def require_facts(self) -> None:
         """Training needs the special tokens and token counts preprocess now records."""
         if self.special_tokens is None or self.num_tokens is None:
-            raise ValueError(f"the dataset written with options {self.options} predates the "
+            raise DataError(f"the dataset written with options {self.options} predates the "
                             "special_tokens / num_tokens metadata that training reads: re-run "
                             "`llada-jax preprocess` with --overwrite")
 
@@ -97,7 +98,7 @@ def host_shards(batch_size: int, num_shards: int | None = None) -> tuple[int, ra
 
     num_shards = num_shards or jax.process_count()
     if num_shards % jax.process_count() or batch_size % num_shards:
-        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the "
+        raise DataError(f"data.num_shards={num_shards} must be a multiple of the "
                          f"{jax.process_count()} processes and divide "
                          f"data.global_batch_size={batch_size}")
     per_host = num_shards // jax.process_count()
@@ -113,14 +114,14 @@ def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
         import jax
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if batch_size % shard_count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by the "
+        raise DataError(f"global batch_size {batch_size} is not divisible by the "
                          f"{shard_count} hosts")
     rows = batch_size // shard_count
     top_k = top_k or read_metadata(data_dir).top_k
     ds = grain.MapDataset.source(records.open_split(data_dir, split))
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
+        raise DataError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
                          f"of {shard_count}")
     if shuffle:
         ds = ds.shuffle(seed=seed)

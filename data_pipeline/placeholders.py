@@ -27,6 +27,8 @@ import re
 
 import numpy as np
 
+from data_pipeline.errors import DataError
+
 PRESETS = {
     "llama3": {"<BOS>": "<|begin_of_text|>", "<start_id>": "<|start_header_id|>",
                "<end_id>": "<|end_header_id|>", "<eot_id>": "<|eot_id|>",
@@ -43,13 +45,13 @@ def load_map(spec: str) -> tuple[tuple[str, str], ...]:
             with open(spec, encoding="utf-8") as f:
                 mapping = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"--placeholders {spec}: not a readable JSON file ({e})") from None
+            raise DataError(f"--placeholders {spec}: not a readable JSON file ({e})") from None
     else:
-        raise ValueError(f"--placeholders {spec!r}: neither a preset ({', '.join(PRESETS)}) nor "
+        raise DataError(f"--placeholders {spec!r}: neither a preset ({', '.join(PRESETS)}) nor "
                          "a JSON map file")
     if not (isinstance(mapping, dict) and mapping and all(
             isinstance(k, str) and k and isinstance(v, str) for k, v in mapping.items())):
-        raise ValueError(f"--placeholders {spec}: expected a JSON object of non-empty marker "
+        raise DataError(f"--placeholders {spec}: expected a JSON object of non-empty marker "
                          "strings to replacement strings")
     return tuple(sorted(mapping.items()))
 
@@ -58,7 +60,7 @@ class Rewriter:
     def __init__(self, pairs: tuple[tuple[str, str], ...], special_tokens: set[str]):
         for marker, token in pairs:
             if token not in special_tokens:
-                raise ValueError(f"--placeholders: {token!r} (for {marker!r}) is not a special "
+                raise DataError(f"--placeholders: {token!r} (for {marker!r}) is not a special "
                                  f"token of the student tokenizer; map the markers to its special "
                                  f"tokens ({', '.join(sorted(special_tokens))})")
         self._to = {m.encode(): t.encode() for m, t in pairs}

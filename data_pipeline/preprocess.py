@@ -33,6 +33,7 @@ import tqdm
 
 from data_pipeline import alignment, fileio, placeholders, records, worker
 from data_pipeline.convert import Converter, Options, Result
+from data_pipeline.errors import DataError
 from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, iter_record_spans
 from data_pipeline.report import Report, human_summary
 
@@ -73,19 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = preprocess(
-            expand_inputs(args.input), args.out,
-            Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
-                    args.teacher_vocab_size, args.overlength, args.validation_fraction,
-                    placeholders.load_map(args.placeholders) if args.placeholders else None,
-                    args.record_format),
-            workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
-            overwrite=args.overwrite, beam_runner=args.beam_runner,
-            beam_options=args.beam_options)
-    except ValueError as e:
-        print(f"preprocess: {e}", file=sys.stderr)
-        return 2
+    report = preprocess(
+        expand_inputs(args.input), args.out,
+        Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
+                args.teacher_vocab_size, args.overlength, args.validation_fraction,
+                placeholders.load_map(args.placeholders) if args.placeholders else None,
+                args.record_format),
+        workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
+        overwrite=args.overwrite, beam_runner=args.beam_runner,
+        beam_options=args.beam_options)
     summary = {k: report[k] for k in ("read", "written", "skipped", "coverage",
                                       "bytes_per_response_token") if k in report}
     print(json.dumps(summary, indent=2))
@@ -100,9 +97,9 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     """Builds (or reuses) the dataset under `out`; returns the report dict. With `beam_runner`
     the conversion runs as a Beam pipeline (beam_pipeline.py) instead of local workers."""
     if opts.top_k < 1 or opts.max_length < 1:
-        raise ValueError("--top-k and --max-length must be positive")
+        raise DataError("--top-k and --max-length must be positive")
     if opts.record_format not in records.FORMATS:
-        raise ValueError(f"record format {opts.record_format}: expected one of {records.FORMATS}")
+        raise DataError(f"record format {opts.record_format}: expected one of {records.FORMATS}")
     converter = Converter(opts)  # validates the tokenizers before any worker starts
     for f in files:
         if is_csv(f):
@@ -125,7 +122,7 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
         return _beam_pipeline().run_beam(files, out, opts, metadata, beam_runner, beam_options,
                                          extra, overwrite)
     if fileio.is_remote(out):
-        raise ValueError(f"--out {out}: a bucket path needs --beam-runner")
+        raise DataError(f"--out {out}: a bucket path needs --beam-runner")
     for stale in glob.glob(os.path.join(out, records.NAME, f"incomplete.*{records.VERSION}")):
         shutil.rmtree(stale)  # left by a run that crashed
     os.makedirs(out, exist_ok=True)
@@ -172,7 +169,7 @@ def _beam_pipeline():
     try:
         from data_pipeline import beam_pipeline
     except ImportError as e:
-        raise ValueError(f"--beam-runner needs Apache Beam ({e}): pip install 'llada-jax[beam]'"
+        raise DataError(f"--beam-runner needs Apache Beam ({e}): pip install 'llada-jax[beam]'"
                          ) from None
     return beam_pipeline
 
@@ -212,7 +209,7 @@ def _reuse(final: str, metadata: dict) -> dict:
     with fileio.open_read(os.path.join(final, "report.json")) as f:
         report = json.load(f)
     if report["metadata"] != json.loads(json.dumps(metadata)):
-        raise ValueError(f"{final} was built with other options ({report['metadata']['options']});"
+        raise DataError(f"{final} was built with other options ({report['metadata']['options']});"
                          " pass --overwrite to rebuild it, or choose another --out")
     print(f"preprocess: reusing the finished dataset in {final}", file=sys.stderr)
     return report

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Iterator
 
 from data_pipeline import fileio
+from data_pipeline.errors import DataError
 
 _STR = rb'"(?:[^"\\]++|\\.)*+"'
 _ATOM = rb'[^"\[\]{}]++|' + _STR
@@ -101,7 +102,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         matched = fileio.expand(pattern)
         if not matched:
-            raise ValueError(f"--input {pattern!r}: no such file")
+            raise DataError(f"--input {pattern!r}: no such file")
         files.extend(m for m in matched if m not in files)
     return files
 
@@ -149,10 +150,10 @@ def csv_header(path: str) -> tuple[tuple[int, ...], int]:
     try:
         names = next(csv.reader([line.decode("utf-8-sig")]), [])
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: the first line is not a CSV header ({e})") from None
+        raise DataError(f"{path}: the first line is not a CSV header ({e})") from None
     missing = [c for c in CSV_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"{path}: the CSV header {names} lacks {missing}; the columns must be "
+        raise DataError(f"{path}: the CSV header {names} lacks {missing}; the columns must be "
                          f"{', '.join(CSV_COLUMNS)} (logits_data: the JSON of the `logits` list)")
     return tuple(names.index(c) for c in CSV_COLUMNS), len(line)
 

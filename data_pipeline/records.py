@@ -31,6 +31,7 @@ from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.core.utils.lazy_imports_utils import array_record_module
 
 from data_pipeline import codec
+from data_pipeline.errors import DataError
 
 NAME = "teacher_targets"
 VERSION = "1.0.0"
@@ -180,14 +181,24 @@ def dataset_dir(data_dir: str) -> str:
     return nested if os.path.isdir(nested) else data_dir
 
 
+def _builder(data_dir: str):
+    path = dataset_dir(data_dir)
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise DataError(f"{data_dir} is not a dataset made by `llada-jax preprocess` (no "
+                        f"dataset_info.json in {path}); pass a preprocess --out directory")
+    return tfds.builder_from_directory(path)
+
+
 def read_info(data_dir: str) -> tfds.core.DatasetInfo:
-    return tfds.builder_from_directory(dataset_dir(data_dir)).info
+    return _builder(data_dir).info
 
 
 def open_split(data_dir: str, split: str):
     """Random-access source of decoded examples (dicts of numpy arrays, format 1's layout
     whatever the dataset's record format) for one split."""
-    builder = tfds.builder_from_directory(dataset_dir(data_dir))
+    builder = _builder(data_dir)
+    if split not in builder.info.splits:
+        raise DataError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
     if builder.info.splits[split].num_examples == 0:
         return []
     source = builder.as_data_source(split=split)

@@ -17,7 +17,7 @@ def __getattr__(name):  # lazy: `import llada_jax` stays cheap for the CLI and d
 
         return getattr(params, name)
     if name == "load_model":
-        from llada_jax.train.checkpointing import load_model
+        from llada_jax.checkpoints import load_model
 
         return load_model
     raise AttributeError(f"module 'llada_jax' has no attribute {name!r}")

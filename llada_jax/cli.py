@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that owns its stage and exposes
 `add_arguments(parser)` and `run(args) -> int`. A subcommand is listed here only
-once it works end to end.
+once it works end to end. User errors (`llada_jax.errors.UserError`) are caught here, once:
+the message goes to stderr and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from llada_jax.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -45,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args._module, "ACCEPTS_EXTRA", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as err:  # input to fix, not a bug: the message, no traceback
+        print(f"llada-jax {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

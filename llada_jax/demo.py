@@ -21,10 +21,13 @@ import shutil
 import sys
 import time
 
+from llada_jax.errors import UserError
+
 ASSETS = pathlib.Path(__file__).parent / "demo_assets"
-TINY_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "tiny.py"
 STRATEGIES = ("original", "masked_only", "prefix_block")
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
+# --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
+QUICK = (64, 12, 30)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from the shipped pre-trained tiny LLaDA, or from scratch")
     parser.add_argument("--compare-strategies", action="store_true",
                         help="train once per loss-position strategy and compare held-out alpha")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short smoke run: --max-prompts {QUICK[0]} --max-new-tokens "
+                             f"{QUICK[1]} --steps {QUICK[2]}")
 
 
 def run(args: argparse.Namespace) -> int:
     from llada_jax.train import config as train_config
 
+    if args.quick:
+        args.max_prompts, args.max_new_tokens, args.steps = QUICK
+    check_arguments(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for mode in modes:
         overrides = demo_overrides(data_dir, args.steps, mode, args.student)
-        config = train_config.load_config(str(TINY_CONFIG), overrides)
+        config = train_config.load_config("tiny", overrides)
         workdir = out / ("run" if len(modes) == 1 else f"run_{mode}")
         results[config.loss.mask_mode] = align_student(config, workdir)
     if args.compare_strategies:
@@ -70,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
           f"\n  llada-jax eval --ckpt {export_dir} --data {data_dir} --gamma 4 "
           f"--batch-size {EVAL_BATCH} --seq-len {SEQ_LEN}")
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    small = [f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})"
+             for name in ("steps", "max_new_tokens", "top_k", "max_prompts")
+             if getattr(args, name) is not None and getattr(args, name) < 1]
+    if pathlib.Path(args.out).is_file():
+        small.append(f"--out {args.out} is a file; pass a directory")
+    if small:
+        raise UserError("; ".join(small))
 
 
 def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None,
@@ -148,7 +167,7 @@ def align_student(config, workdir: pathlib.Path) -> dict:
 
 
 def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
-    from llada_jax.train.checkpointing import load_model
+    from llada_jax.checkpoints import load_model
     from llada_jax.model.params import save_hf
 
     _, model = load_model(workdir)

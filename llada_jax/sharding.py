@@ -25,6 +25,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from llada_jax.errors import ShardingError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -50,10 +52,6 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class ShardingError(ValueError):
-    """A mesh or rule set that cannot shard the model as asked."""
-
-
 def parse_mesh_spec(text: str) -> dict[str, int]:
     """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2} (axes not named keep their defaults)."""
     sizes = {}
@@ -65,10 +63,8 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(axis_sizes: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest)."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(axis_sizes: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+    """{axis: size} for MESH_AXES over `num_devices`; one given size may be -1 (the rest)."""
     sizes = {"data": -1, "fsdp": 1, "tensor": 1}
     unknown = set(axis_sizes or {}) - set(MESH_AXES)
     if unknown:
@@ -79,14 +75,27 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
     if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ShardingError(f"mesh sizes {sizes}: sizes must be positive, at most one may be -1")
     if free:
-        if len(devices) % fixed:
-            raise ShardingError(f"mesh {sizes} does not divide the {len(devices)} devices")
-        sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
+        if num_devices % fixed:
+            raise ShardingError(f"mesh {sizes} does not divide the {num_devices} devices")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
         raise ShardingError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                            f"{len(devices)} are available")
+                            f"{num_devices} are available")
+    return sizes
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(axis_sizes, len(devices))
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                          axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_spec(rules: Rules) -> PartitionSpec:
+    """The PartitionSpec of every batch array: its leading (row) axis by the rule for 'batch'."""
+    return PartitionSpec(dict(rules).get("batch"))
 
 
 @contextlib.contextmanager
@@ -132,6 +141,13 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
 
     return jax.tree_util.tree_map_with_path(
         one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their target sharding (what orbax restores onto, what
+    `jit(...).lower` takes)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

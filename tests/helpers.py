@@ -111,7 +111,7 @@ def final_params(workdir) -> dict:
     """A train workdir's latest params as a nested dict of NumPy arrays."""
     from flax import nnx
 
-    from llada_jax.train.checkpointing import load_model
+    from llada_jax.checkpoints import load_model
 
     _, model = load_model(workdir)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))

@@ -114,7 +114,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert cli.main(["import-hf", "--hf-dir", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert cli.main(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "config.json does not exist; is" in capsys.readouterr().err
+    assert "is neither a params checkpoint, a train workdir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value", [

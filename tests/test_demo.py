@@ -38,7 +38,7 @@ def test_demo_small_run_and_eval_of_the_export(tmp_path):
     import torch
     from transformers import AutoModel
 
-    from llada_jax.train.checkpointing import load_model
+    from llada_jax.checkpoints import load_model
 
     _, flax_model = load_model(out / "exported")
     torch_model = AutoModel.from_pretrained(out / "exported", trust_remote_code=True,

@@ -214,7 +214,8 @@ def test_missing_required_setting(drop: str, message: str):
 
 @pytest.mark.parametrize("args, message", [
     (["--workdir", "/local/dir"], "workdir '/local/dir' must be a gs:// path"),
-    (["--config", "configs/nope.py"], "configs/nope.py is not in the committed HEAD"),
+    (["--config", "configs/nope.py"], "config configs/nope.py (configs/nope.py) is not in the committed HEAD"),
+    (["--config", "nope:v1"], "config nope (configs/nope.py) is not in the committed HEAD"),
     (["--config.optim.lr", "1e-5"], "write it as --config.optim.lr=VALUE"),
     (["--env", "NOEQUALS"], "--env 'NOEQUALS' is not KEY=VALUE"),
     (["--bogus"], "unknown argument '--bogus'"),
@@ -225,9 +226,19 @@ def test_bad_input_is_explained(args: list[str], message: str):
     assert not _commands(result.stdout)
 
 
+def test_a_shipped_config_name_reaches_the_trainer():
+    result = _run(["--dry-run", "--accelerator", "v5p-32", *BASE[:-1], "llada_8b:v5p_32"])
+    assert result.returncode == 0, result.stderr
+    remote = [_flags(c).get("--command", "") for c in _commands(result.stdout)]
+    _, argv = _trainer_argv(next(r for r in remote if "llada-jax train" in r))
+    assert argv[2:4] == ["--config", "llada_8b:v5p_32"]
+
+
 def test_help_lists_the_flags():
-    result = _run(["--help"])
-    assert result.returncode == 0
+    """As the README writes it: `./run_tpu.sh --help` (the exec bit is committed)."""
+    result = subprocess.run(["./run_tpu.sh", "--help"], cwd=REPO, capture_output=True, text=True,
+                            env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
     for flag in ("--project", "--zone", "--accelerator", "--workdir", "--queued", "--spot",
                  "--reuse", "--teardown", "--dry-run", "configs/llada_8b.py"):
         assert flag in result.stdout

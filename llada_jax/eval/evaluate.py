@@ -17,17 +17,17 @@ import functools
 import itertools
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
+from llada_jax.errors import DataError, UserError
 from llada_jax.train import config as train_config
 from llada_jax.train import masking
 from llada_jax.eval import metrics
-from llada_jax.train.checkpointing import load_model
+from llada_jax.checkpoints import load_model
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gamma", "mask_token_id", "chunk_size"))
@@ -84,12 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        _, model = load_model(args.ckpt)
-        meta = data_loader.read_metadata(args.data)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"llada-jax eval: {err}", file=sys.stderr)
-        return 2
+    small = [f"--{name.replace('_', '-')} must be at least 1 (got {value})"
+             for name, value in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                 ("max_batches", args.max_batches), ("gamma", min(args.gamma)))
+             if value is not None and value < 1]
+    if small:
+        raise UserError("; ".join(small))
+    meta = data_loader.read_metadata(args.data)  # the cheap checks first
+    _, model = load_model(args.ckpt)
     seq_len = args.seq_len or meta.max_length
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,
                                       seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
@@ -100,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         eval_config.chunk_size = args.chunk_size
     results = evaluate_model(model, batches, eval_config, max_batches=args.max_batches)
     if not results:
-        print(f"llada-jax eval: split {args.split!r} of {args.data} has no examples", file=sys.stderr)
-        return 2
+        raise DataError(f"split {args.split!r} of {args.data} has no examples")
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

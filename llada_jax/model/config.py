@@ -16,10 +16,15 @@ import dataclasses
 import json
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "dots")
-# See modeling.ATTENTION_IMPLS; "splash" is the TPU Pallas kernel (llada_jax/splash.py).
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash")
-_DTYPES = ("float32", "bfloat16", "float16")
+import ml_dtypes
+import numpy as np
+
+from llada_jax.errors import ConfigError
+
+# Param and compute dtypes by config name (the remat and attention choices are the keys of
+# modeling.REMAT_POLICIES and modeling.ATTENTION_IMPLS).
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
 OWN_KEY = "llada_jax"
 # Our ModelConfig fields that are not HF fields (kept under OWN_KEY in config.json).
 RUN_SETTINGS = ("causal", "scan_layers", "remat_policy", "param_dtype", "dtype", "attention_impl")
@@ -70,10 +75,6 @@ _HF_TEMPLATE: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    """A model config.json (or override) that this implementation cannot run, and why."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """LLaDA architecture (HF field names) and run settings. Frozen and hashable (jit-static).
@@ -99,10 +100,10 @@ class ModelConfig:
     # Our run settings (not HF fields).
     causal: bool = False                   # True: LLaMA-style causal attention (e.g. a teacher)
     scan_layers: bool = True               # False: a Python loop over the same stacked params
-    remat_policy: str = "none"             # one of REMAT_POLICIES
+    remat_policy: str = "none"             # a key of modeling.REMAT_POLICIES
     param_dtype: str = "float32"
     dtype: str = "bfloat16"                # compute dtype
-    attention_impl: str = "xla"            # one of ATTENTION_IMPLS
+    attention_impl: str = "xla"            # a key of modeling.ATTENTION_IMPLS
     # The source config.json, verbatim, as sorted (key, json-encoded value) pairs (hashable).
     hf_extra: tuple[tuple[str, str], ...] = ()
 
@@ -130,8 +131,7 @@ class ModelConfig:
         if not 0 <= self.mask_token_id < self.embedding_size:
             problems.append(f"mask_token_id={self.mask_token_id} is outside the embedding table "
                             f"(embedding_size={self.embedding_size})")
-        for name, allowed in (("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
-                              ("param_dtype", _DTYPES), ("dtype", _DTYPES)):
+        for name, allowed in run_setting_choices().items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if problems:
@@ -185,6 +185,20 @@ class ModelConfig:
             hf["multi_query_attention"] = None
         hf[OWN_KEY] = {f: getattr(self, f) for f in RUN_SETTINGS}
         return hf
+
+
+def run_setting_choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the run settings that are names (the training config checks them too)."""
+    from llada_jax.model import modeling  # imports this module; the names live with their code
+
+    return {"remat_policy": tuple(modeling.REMAT_POLICIES),
+            "attention_impl": tuple(modeling.ATTENTION_IMPLS),
+            "param_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
+
+
+def run_setting_defaults() -> dict[str, Any]:
+    """ModelConfig's defaults for RUN_SETTINGS: the training config's defaults too (one home)."""
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUN_SETTINGS}
 
 
 def _normalise(field: str, value: Any) -> Any:

@@ -1,7 +1,11 @@
-"""`llada-jax export-hf`: a params checkpoint -> an HF LLaDA dir the original PyTorch code loads.
+"""`llada-jax export-hf`: a checkpoint -> an HF LLaDA dir the original PyTorch code loads.
 
     llada-jax export-hf --ckpt ckpt/llada8b --out exported --source-hf-dir LLaDA-8B-Instruct
                         [--dtype bfloat16] [--max-shard-size 5GB]
+    llada-jax export-hf --ckpt runs/llada8b [--step 1200] --out exported ...
+
+--ckpt is a params checkpoint (`import-hf`), a train workdir (its latest checkpoint, or --step)
+or one of its step dirs (`runs/llada8b/checkpoints/1200`).
 
 Writes sharded safetensors + model.safetensors.index.json + config.json, and copies the
 tokenizer, remote code (*.py) and other non-weight files of --source-hf-dir, so that
@@ -13,13 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llada_jax.checkpoints import CheckpointError, load_params
-from llada_jax.model.config import ConfigError
-from llada_jax.model.params import DTYPES, ConversionError, parse_size, save_hf
+from llada_jax.checkpoints import load_model
+from llada_jax.model.params import DTYPES, parse_size, save_hf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="params checkpoint (from import-hf or train)")
+    parser.add_argument("--ckpt", required=True,
+                        help="params checkpoint (import-hf), train workdir or its step dir")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with a train workdir: this step's checkpoint (default: the latest)")
     parser.add_argument("--out", required=True, help="new HF model directory")
     parser.add_argument("--source-hf-dir", default=None,
                         help="HF dir to copy tokenizer and remote-code files from")
@@ -29,13 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        _, model = load_params(args.ckpt)
-        files = save_hf(model, args.out, source_hf_dir=args.source_hf_dir, dtype=args.dtype,
-                        max_shard_bytes=parse_size(args.max_shard_size))
-    except (ConfigError, ConversionError, CheckpointError) as err:
-        print(f"llada-jax export-hf: {err}", file=sys.stderr)
-        return 2
+    max_shard_bytes = parse_size(args.max_shard_size)  # flags first, then the checkpoint
+    _, model = load_model(args.ckpt, step=args.step)
+    files = save_hf(model, args.out, source_hf_dir=args.source_hf_dir, dtype=args.dtype,
+                    max_shard_bytes=max_shard_bytes)
     print(f"wrote {len(files)} safetensors file(s) + config.json to {args.out}")
     if args.source_hf_dir is None:
         print("note: no --source-hf-dir, so no tokenizer or remote-code files were copied; "

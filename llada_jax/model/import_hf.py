@@ -10,12 +10,10 @@ model larger than one device fits; without it, params go to the default device.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from llada_jax import sharding
-from llada_jax.checkpoints import CheckpointError, save_params
-from llada_jax.model.config import ConfigError
-from llada_jax.model.params import DTYPES, ConversionError, load_hf
+from llada_jax.checkpoints import save_params
+from llada_jax.model.params import DTYPES, load_hf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
-        cfg, model = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype)
-        path = save_params(args.out, model)
-    except (ConfigError, ConversionError, CheckpointError, sharding.ShardingError) as err:
-        print(f"llada-jax import-hf: {err}", file=sys.stderr)
-        return 2
+    mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
+    cfg, model = load_hf(args.hf_dir, mesh=mesh, dtype=args.dtype)
+    path = save_params(args.out, model)
     print(f"imported {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.embedding_size}, "
           f"params {cfg.param_dtype} -> {path}")
     return 0

@@ -39,7 +39,9 @@ BLOCK_AXES: dict[str, tuple[str, ...]] = {
     "ff_out": ("mlp", "embed"),
 }
 
+# Name -> jax.checkpoint policy per layer ("none": no rematerialisation, no jax.checkpoint).
 REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     # Keep the weight matmuls' outputs, recompute attention scores and elementwise ops.
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

@@ -1,11 +1,12 @@
 """HF LLaDA safetensors <-> Flax NNX params, streamed one tensor at a time.
 
-One table (`RULES`) names every HF tensor and the stacked Flax param it belongs to: an HF-key
-pattern ("{layer}" = block index), the Flax path, and the layout transform (torch Linear weights
-are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]). Import checks the whole key set
-and every shape first and raises one error listing all problems; then it fills each stacked param
-layer by layer on the host, places it on devices (with its sharding, given a mesh) and frees the
-host copy, so the host never holds the model twice. Export writes the inverse, shard by shard.
+One table (`HF_KEY_RULES`; not the sharding `rules`) names every HF tensor and the stacked Flax
+param it belongs to: an HF-key pattern ("{layer}" = block index), the Flax path, and the layout
+transform (torch Linear weights are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]).
+Import checks the whole key set and every shape first and raises one error listing all problems;
+then it fills each stacked param layer by layer on the host, places it on devices (with its
+sharding, given a mesh) and frees the host copy, so the host never holds the model twice. Export
+writes the inverse, shard by shard.
 
     cfg, model = load_hf("path/to/LLaDA-8B-Instruct", dtype="bfloat16")
     logits_blv = model(jnp.asarray([[126080, 42, 126336]]))
@@ -24,14 +25,14 @@ import shutil
 from collections.abc import Iterator
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llada_jax import sharding as sharding_lib
-from llada_jax.model.config import ModelConfig
+from llada_jax.errors import ConversionError
+from llada_jax.model.config import DTYPES, ModelConfig
 from llada_jax.model.modeling import LLaDAModel
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -41,58 +42,52 @@ HF_REMOTE_CODE = pathlib.Path(__file__).parent / "hf_remote"
 # Files of an HF dir that are weights or that export writes itself; everything else is copied.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack)$|.*\.index\.json$|config\.json$")
 _MAX_LISTED = 50  # problems shown in one error; the count says how many there are
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
-
-
-class ConversionError(ValueError):
-    """An HF directory or checkpoint that does not match the model config; lists every problem."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class KeyRule:
     hf_key: str                  # "{layer}" stands for the block index
     flax_path: tuple[str, ...]
     in_dims: int | None          # Linear: leading Flax dims that are the input; None: same layout
 
 
 _P = "model.transformer."
-RULES: tuple[Rule, ...] = (
-    Rule(_P + "wte.weight", ("wte",), None),
-    Rule(_P + "blocks.{layer}.attn_norm.weight", ("layers", "attn_norm"), None),
-    Rule(_P + "blocks.{layer}.q_proj.weight", ("layers", "q_proj"), 1),
-    Rule(_P + "blocks.{layer}.k_proj.weight", ("layers", "k_proj"), 1),
-    Rule(_P + "blocks.{layer}.v_proj.weight", ("layers", "v_proj"), 1),
-    Rule(_P + "blocks.{layer}.attn_out.weight", ("layers", "attn_out"), 2),
-    Rule(_P + "blocks.{layer}.ff_norm.weight", ("layers", "ff_norm"), None),
-    Rule(_P + "blocks.{layer}.ff_proj.weight", ("layers", "ff_proj"), 1),
-    Rule(_P + "blocks.{layer}.up_proj.weight", ("layers", "up_proj"), 1),
-    Rule(_P + "blocks.{layer}.ff_out.weight", ("layers", "ff_out"), 1),
-    Rule(_P + "ln_f.weight", ("ln_f",), None),
-    Rule(_P + "ff_out.weight", ("ff_out",), 1),
+HF_KEY_RULES: tuple[KeyRule, ...] = (
+    KeyRule(_P + "wte.weight", ("wte",), None),
+    KeyRule(_P + "blocks.{layer}.attn_norm.weight", ("layers", "attn_norm"), None),
+    KeyRule(_P + "blocks.{layer}.q_proj.weight", ("layers", "q_proj"), 1),
+    KeyRule(_P + "blocks.{layer}.k_proj.weight", ("layers", "k_proj"), 1),
+    KeyRule(_P + "blocks.{layer}.v_proj.weight", ("layers", "v_proj"), 1),
+    KeyRule(_P + "blocks.{layer}.attn_out.weight", ("layers", "attn_out"), 2),
+    KeyRule(_P + "blocks.{layer}.ff_norm.weight", ("layers", "ff_norm"), None),
+    KeyRule(_P + "blocks.{layer}.ff_proj.weight", ("layers", "ff_proj"), 1),
+    KeyRule(_P + "blocks.{layer}.up_proj.weight", ("layers", "up_proj"), 1),
+    KeyRule(_P + "blocks.{layer}.ff_out.weight", ("layers", "ff_out"), 1),
+    KeyRule(_P + "ln_f.weight", ("ln_f",), None),
+    KeyRule(_P + "ff_out.weight", ("ff_out",), 1),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One HF tensor: where it lives in the Flax params and its HF shape."""
-    rule: Rule
+    rule: KeyRule
     layer: int | None
     flax_shape: tuple[int, ...]  # of this tensor's slice (without the 'layers' axis)
     hf_shape: tuple[int, ...]
 
 
-def to_flax(rule: Rule, w: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+def to_flax(rule: KeyRule, w: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
     return w if rule.in_dims is None else w.T.reshape(flax_shape)
 
 
-def to_hf(rule: Rule, w: np.ndarray) -> np.ndarray:
+def to_hf(rule: KeyRule, w: np.ndarray) -> np.ndarray:
     if rule.in_dims is None:
         return w
     return np.ascontiguousarray(w.reshape(math.prod(w.shape[:rule.in_dims]), -1).T)
 
 
-def _hf_shape(rule: Rule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _hf_shape(rule: KeyRule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     if rule.in_dims is None:
         return flax_shape
     return (math.prod(flax_shape[rule.in_dims:]), math.prod(flax_shape[:rule.in_dims]))
@@ -107,7 +102,7 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Entry]:
     """Every HF tensor name the config implies, in HF order, with its Flax destination."""
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
     layout = {}
-    for rule in RULES:
+    for rule in HF_KEY_RULES:
         node = shapes
         for key in rule.flax_path:
             node = node.get(key) if isinstance(node, dict) else None

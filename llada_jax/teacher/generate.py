@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -39,15 +38,12 @@ from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llada_jax.checkpoints import load_params
+from llada_jax.errors import GenerateError
 from llada_jax.model.modeling import LLaDAModel
 
 TOP_K = 5
 PROMPT_BUCKET = 16        # prompt lengths round up to this: few distinct shapes to compile
 LOGIT_DECIMALS = 5
-
-
-class GenerateError(ValueError):
-    """Bad input to generate-teacher (prompt file, checkpoint, options), with what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +282,11 @@ def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
 def load_teacher(ckpt: str | pathlib.Path,
                  tokenizer_dir: str | pathlib.Path) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
     """A params checkpoint in float32 (params and compute) and its tokenizer directory."""
+    if not pathlib.Path(tokenizer_dir, "tokenizer_config.json").is_file():
+        raise GenerateError(f"--tokenizer {tokenizer_dir} is not an HF tokenizer directory (no "
+                            f"tokenizer_config.json); pass the teacher's local tokenizer dir")
     _, model = load_params(ckpt, dtype="float32", compute_dtype="float32")
-    return model, AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return model, AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
 def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path,
@@ -328,15 +327,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         problems.append("need --max-new-tokens >= 1 and --batch-size >= 1")
     if problems:
-        print("generate-teacher: " + "; ".join(problems), file=sys.stderr)
-        return 2
+        raise GenerateError("; ".join(problems))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    try:
-        count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
-                                 batch_size=args.batch_size, full_logits=args.full_logits,
-                                 chat_template=args.chat_template)
-    except GenerateError as e:
-        print(f"generate-teacher: {e}", file=sys.stderr)
-        return 2
+    count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
+                             batch_size=args.batch_size, full_logits=args.full_logits,
+                             chat_template=args.chat_template)
     print(f"generate-teacher: wrote {count} records to {args.out}")
     return 0

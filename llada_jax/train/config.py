@@ -1,22 +1,49 @@
-"""The training config: one schema with the original system's defaults, loading and overrides.
+"""The training config: one schema with the original system's defaults, loading, overrides and
+the validation of every field.
 
-Config files in `configs/` start from `default_config()` and change what differs (`tiny.py`
-shrinks it for CPU, `llada_8b.py` sizes it for a TPU slice), so every file has the same fields
-and `--config.a.b=v` overrides work on all of them.
+Configs shipped with the package live in `configs/` (installed as `llada_jax.configs`): they
+start from `default_config()` and change what differs (`tiny.py` shrinks it for CPU,
+`llada_8b.py` sizes it for a TPU slice), so every config has the same fields and
+`--config.a.b=v` overrides work on all of them. `--config` takes a shipped name (`tiny`,
+`llada_8b:v5e_64`) or a file path (`my_config.py`, `my_config.py:variant`); a file exposes
+`get_config()` or `get_config(variant)`, like ml_collections' `config_flags`.
 
-A config file exposes `get_config(arg: str | None)`; a file may be named as `configs/llada_8b.py:v5e_64` to pass `arg` (a named variant), like ml_collections'
-`config_flags`.
+Defaults have one home each: the model's run settings are ModelConfig's, the loss and masking
+settings are the defaults of `loss.distill_loss` and `masking.diffusion_mask`, the sharding
+rules are `sharding.DEFAULT_RULES`. `validate()` checks every field when the config is loaded,
+before any data, checkpoint or device is touched.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.resources
 import importlib.util
+import inspect
+import math
+import os
 import pathlib
 
 import ml_collections
 
-from llada_jax.model.config import ModelConfig
+from data_pipeline import records
+from llada_jax import checkpoints
+from llada_jax import sharding
+from llada_jax.errors import ConfigError
+from llada_jax.model.config import ModelConfig, run_setting_choices, run_setting_defaults
+from llada_jax.train import divergences
+from llada_jax.train import loss as loss_lib
+from llada_jax.train import masking
+
+SHIPPED = "llada_jax.configs"
+# The ModelConfig run settings a training config sets (a student is never causal).
+RUN_FIELDS = ("scan_layers", "remat_policy", "param_dtype", "dtype", "attention_impl")
+
+
+def _defaults(fn, *names: str) -> dict:
+    params = inspect.signature(fn).parameters
+    return {name: params[name].default for name in names}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -33,11 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.n_layers = 32
     c.model.mlp_hidden_size = 12288
     c.model.rope_theta = 500000.0
-    c.model.param_dtype = "float32"
-    c.model.dtype = "bfloat16"         # compute dtype
-    c.model.scan_layers = True
-    c.model.remat_policy = "full"      # none | full | dots
-    c.model.attention_impl = "xla"     # xla | dot_product_attention | splash
+    # Run settings (ModelConfig's defaults): scan_layers, remat_policy (none | full | dots),
+    # param_dtype, dtype (compute), attention_impl (xla | dot_product_attention | splash).
+    c.model.update({k: v for k, v in run_setting_defaults().items() if k in RUN_FIELDS})
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""                    # a `llada-jax preprocess` output dir (required)
@@ -48,19 +73,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
     c.data.eval_split = "validation"
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
-    c.loss.temperature = 1.0
-    c.loss.beta = 0.5                  # jsd only: beta KL(p || m) + (1 - beta) KL(q || m)
-    # How the LM head is cut (llada_jax/train/chunked_head.py): "sequence" chunks of chunk_size positions
-    # (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V] logits),
-    # or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one head-gradient
-    # reduction across devices). vocab_tile also cuts the sequence path's head-gradient adds.
-    c.loss.chunk_axis = "sequence"
-    c.loss.chunk_size = 256
-    c.loss.vocab_tile = 4096
-    c.loss.mask_mode = "original"      # original | masked_only | full | prefix_block
-    c.loss.mask_eps = 1e-3
+    # kind: kl | reverse_kl | jsd | tvd; beta (jsd only): beta KL(p || m) + (1 - beta) KL(q || m).
+    # chunk_axis, how the LM head is cut (train/loss.py): "sequence" chunks of chunk_size
+    # positions (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V]
+    # logits), or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one
+    # head-gradient reduction across devices). vocab_tile also cuts the sequence path's
+    # head-gradient adds. mask_mode: original | masked_only | full | prefix_block.
+    c.loss = ml_collections.ConfigDict(_defaults(
+        loss_lib.distill_loss, "kind", "temperature", "beta", "chunk_axis", "chunk_size",
+        "vocab_tile"))
+    c.loss.update(mask_mode=_defaults(masking.diffusion_mask, "mode")["mode"],
+                  mask_eps=_defaults(masking.diffusion_mask, "eps")["eps"])
 
     # The original trainer's settings (DESIGN.md "Training system").
     c.optim = ml_collections.ConfigDict()
@@ -96,6 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                   # -1: every device not used by fsdp/tensor
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Logical axis -> mesh axes, for params and activations; the "batch" rule also shards the
+    # rows of every input batch.
+    c.mesh.rules = sharding.DEFAULT_RULES
     return c
 
 
@@ -112,26 +138,45 @@ def random_init_model_config(config: ml_collections.ConfigDict, vocab_size: int,
 
 def run_settings(config: ml_collections.ConfigDict) -> dict:
     """The ModelConfig run fields (not architecture) that a training config sets."""
-    m = config.model
-    return dict(scan_layers=m.scan_layers, remat_policy=m.remat_policy, param_dtype=m.param_dtype,
-                dtype=m.dtype, attention_impl=m.attention_impl)
+    return {k: config.model[k] for k in RUN_FIELDS}
 
-class ConfigError(ValueError):
-    """A config file or override the user must fix."""
+
+def shipped_configs() -> list[str]:
+    """The shipped config names, each variant spelled out (`llada_8b:v5e_64`)."""
+    names = []
+    for entry in sorted(importlib.resources.files(SHIPPED).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".py") and not entry.name.startswith("_"):
+            module = importlib.import_module(f"{SHIPPED}.{entry.name[:-3]}")
+            variants = getattr(module, "VARIANTS", None)
+            names += ([f"{entry.name[:-3]}:{v}" for v in variants] if variants
+                      else [entry.name[:-3]])
+    return names
+
+
+def _config_module(name: str):
+    """A shipped config by name, or a file path (anything with a '/' or ending in .py)."""
+    if name.endswith(".py") or "/" in name:
+        path = pathlib.Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a file or a shipped "
+                              f"config: {', '.join(shipped_configs())}")
+        module_spec = importlib.util.spec_from_file_location(f"_llada_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    if not name.isidentifier() or importlib.util.find_spec(f"{SHIPPED}.{name}") is None:
+        raise ConfigError(f"--config {name}: no shipped config of that name; use one of "
+                          f"{', '.join(shipped_configs())} or a config file path")
+    return importlib.import_module(f"{SHIPPED}.{name}")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/file.py` or `path/to/file.py:variant` -> ConfigDict."""
-    path_str, _, variant = spec.partition(":")
-    path = pathlib.Path(path_str)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (pass e.g. --config configs/tiny.py)")
-    module_spec = importlib.util.spec_from_file_location(f"_llada_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    """`tiny`, `llada_8b:v5e_64`, `path/to/file.py` or `path/to/file.py:variant` -> ConfigDict."""
+    name, _, variant = spec.partition(":")
+    module = _config_module(name)
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config(variant or None) if variant else module.get_config()
+        raise ConfigError(f"config {name} defines no get_config()")
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def _parse_value(text: str):
@@ -174,5 +219,125 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    return apply_overrides(load_config_file(spec), list(overrides))
+def load_config(spec: str, overrides: list[str] = (), *,
+                num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """The config `spec` names with `overrides` applied, validated (see `validate`)."""
+    config = apply_overrides(load_config_file(spec), list(overrides))
+    validate(config, num_devices=num_devices)
+    return config
+
+
+def _choice_fields() -> dict[str, tuple]:
+    fields = {f"model.{k}": v for k, v in run_setting_choices().items()}
+    fields.update({"loss.kind": divergences.KINDS, "loss.chunk_axis": loss_lib.CHUNK_AXES,
+                   "loss.mask_mode": masking.MODES,
+                   "model.scan_layers": (True, False), "data.pack": (True, False),
+                   "train.async_checkpointing": (True, False)})
+    return fields
+
+
+# field -> (test, what it must be); fields are "section.name".
+_RANGES = {
+    "model.d_model": (lambda v: v > 0, "> 0"), "model.n_heads": (lambda v: v > 0, "> 0"),
+    "model.n_kv_heads": (lambda v: v > 0, "> 0"), "model.n_layers": (lambda v: v > 0, "> 0"),
+    "model.mlp_hidden_size": (lambda v: v > 0, "> 0"),
+    "model.rope_theta": (lambda v: v > 0, "> 0"),
+    "data.seq_len": (lambda v: v > 0, "> 0"), "data.global_batch_size": (lambda v: v > 0, "> 0"),
+    "data.num_shards": (lambda v: v >= 0, ">= 0 (0: one per process)"),
+    "data.eval_split": (lambda v: bool(v), "a split name, e.g. 'validation'"),
+    "loss.temperature": (lambda v: v > 0, "> 0"),
+    "loss.beta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "loss.chunk_size": (lambda v: v > 0, "> 0"), "loss.vocab_tile": (lambda v: v > 0, "> 0"),
+    "loss.mask_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "> 0"), "optim.max_grad_norm": (lambda v: v > 0, "> 0"),
+    "optim.grad_accum_steps": (lambda v: v >= 1, ">= 1"),
+    "train.num_epochs": (lambda v: v >= 1, ">= 1"),
+    "train.num_steps": (lambda v: v >= 0, ">= 0 (0: from num_epochs)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"), "train.eval_every": (lambda v: v >= 0, ">= 0"),
+    "train.eval_batches": (lambda v: v >= 1, ">= 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "eval.gammas": (lambda v: len(v) > 0 and all(isinstance(g, int) and g > 0 for g in v),
+                    "a tuple of positive ints, e.g. (4, 8)"),
+}
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             num_processes: int = 1, for_training: bool = False) -> None:
+    """Raises one ConfigError listing every field that is wrong, and what it may be.
+
+    Checks every choice field and numeric range, the mesh rules, the paths that are set
+    (data.dir a `preprocess` output, model.init a params checkpoint); with `num_devices` the
+    mesh against the devices and the global batch against the mesh's batch axes and the data
+    shards of `num_processes`; with
+    `for_training` that data.dir and model.init are set.
+    """
+    get = lambda field: config[field.split(".")[0]][field.split(".")[1]]
+    problems = [f"{field}={get(field)!r} is not one of {allowed}"
+                for field, allowed in _choice_fields().items() if get(field) not in allowed]
+    problems += [f"{field}={get(field)!r} must be {want}" for field, (ok, want) in _RANGES.items()
+                 if not (field == "loss.beta" and config.loss.kind != "jsd") and not ok(get(field))]
+    problems += _path_problems(config, for_training)
+    problems += _mesh_problems(config, num_devices, num_processes)
+    if problems:
+        raise ConfigError("invalid config (fix these with --config.FIELD=VALUE or in the config "
+                          "file):\n  " + "\n  ".join(problems))
+
+
+def _path_problems(config: ml_collections.ConfigDict, for_training: bool) -> list[str]:
+    problems = []
+    data_dir, init = config.data.dir, config.model.init
+    if data_dir and not os.path.isfile(os.path.join(records.dataset_dir(data_dir),
+                                                    "dataset_info.json")):
+        problems.append(f"data.dir={data_dir!r} is not a `llada-jax preprocess` output "
+                        f"(no dataset_info.json under it)")
+    if init and init != "random":
+        kind = checkpoints.checkpoint_kind(init)
+        if kind != "params":
+            problems.append(f"model.init={init!r} is {checkpoints.describe_kind(kind)}; it must "
+                            f"be a params checkpoint (`llada-jax import-hf --out DIR`) or "
+                            f"\"random\"")
+    if for_training and not data_dir:
+        problems.append("data.dir is empty: pass --config.data.dir=DATA_DIR (a `llada-jax "
+                        "preprocess` output)")
+    if for_training and not init:
+        problems.append("model.init is empty: pass --config.model.init=CKPT (a params checkpoint "
+                        "from `llada-jax import-hf`), or \"random\"")
+    return problems
+
+
+def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None,
+                   num_processes: int) -> list[str]:
+    rules = config.mesh.rules
+    axes_ok = lambda a: a is None or a in sharding.MESH_AXES or (
+        isinstance(a, (tuple, list)) and all(x in sharding.MESH_AXES for x in a))
+    if not all(isinstance(r, (tuple, list)) and len(r) == 2 and axes_ok(r[1]) for r in rules):
+        return [f"mesh.rules={rules!r} must be (logical name, mesh axis | tuple of mesh axes | "
+                f"None) pairs over the mesh axes {sharding.MESH_AXES}"]
+    if num_devices is None:
+        return []
+    try:
+        sizes = sharding.mesh_sizes({k: config.mesh[k] for k in sharding.MESH_AXES}, num_devices)
+    except sharding.ShardingError as err:
+        return [f"mesh.data/fsdp/tensor: {err}"]
+    batch_axes = dict(rules).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    rows = math.prod(sizes[a] for a in batch_axes) * config.optim.grad_accum_steps
+    gbs = config.data.global_batch_size
+    problems = []
+    if gbs % rows:
+        problems.append(f"data.global_batch_size={gbs} must be a multiple of "
+                        f"optim.grad_accum_steps={config.optim.grad_accum_steps} x the "
+                        f"{math.prod(sizes[a] for a in batch_axes)} devices of the batch axes "
+                        f"{batch_axes} (mesh {sizes})")
+    shards = config.data.num_shards or num_processes
+    if shards % num_processes or gbs % shards:
+        problems.append(f"data.num_shards={shards} must be a multiple of the {num_processes} "
+                        f"processes and divide data.global_batch_size={gbs}")
+    return problems

@@ -20,7 +20,7 @@ CHUNK_AXES = ("sequence", "vocab")
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                  teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
                  temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5,
-                 chunk_axis: str = "vocab", vocab_tile: int = chunked_head.VOCAB_TILE
+                 chunk_axis: str = "sequence", vocab_tile: int = chunked_head.VOCAB_TILE
                  ) -> tuple[jax.Array, jax.Array]:
     """(sum over loss positions of the divergence, number of loss positions), both float32 [].
 

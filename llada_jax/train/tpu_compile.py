@@ -28,7 +28,6 @@ from llada_jax import sharding
 from llada_jax.train import config as train_config
 
 from llada_jax.train import train_step
-from llada_jax.train.checkpointing import with_shardings
 from llada_jax.model.config import ModelConfig
 
 GIB = 1024 ** 3
@@ -108,9 +107,9 @@ class CompileReport:
 
 
 def lower_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                     devices: list[jax.Device], *, top_k: int = 64,
-                     rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[jax.stages.Lowered, Any]:
+                     devices: list[jax.Device], *, top_k: int = 64) -> tuple[jax.stages.Lowered, Any]:
     """(lowered step, mesh): the Trainer's jit signature over abstract state and batch."""
+    rules = config.mesh.rules
     mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES}, devices)
     jitted = train_step.jit_train_step(config, model_cfg, mesh, rules, total_steps=1000)
     batch = batch_lib.abstract((config.data.global_batch_size, config.data.seq_len, top_k))
@@ -119,9 +118,9 @@ def lower_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
     # numerics) makes Mosaic reject the splash kernel's bf16 matmuls.
     with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
         lowered = jitted.step.lower(
-            with_shardings(jitted.abstract_state, jitted.state_sharding),
-            with_shardings(batch, {k: jitted.batch_sharding for k in batch}),
-            with_shardings(rng, jitted.replicated))
+            sharding.with_shardings(jitted.abstract_state, jitted.state_sharding),
+            sharding.with_shardings(batch, {k: jitted.batch_sharding for k in batch}),
+            sharding.with_shardings(rng, jitted.replicated))
     return lowered, mesh
 
 

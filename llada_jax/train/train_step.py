@@ -157,7 +157,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
     optimizer = optim.make_optimizer(config.optim, total_steps)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params)
     state_sharding = state_shardings(abstract_state, mesh, rules)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = jax.jit(make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id),
                    in_shardings=(state_sharding, batch_sharding, replicated),

@@ -1,6 +1,6 @@
 """`llada-jax train`: the training loop around `train_step` (see DESIGN.md "Training system").
 
-    llada-jax train --config configs/tiny.py --workdir runs/tiny --config.data.dir=DATA
+    llada-jax train --config tiny --workdir runs/tiny --config.data.dir=DATA
 
 Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM (or at the JAX
 preemption sync point on TPU) saves a checkpoint and exits 0.
@@ -13,7 +13,6 @@ import json
 import math
 import pathlib
 import signal
-import sys
 import time
 
 import jax
@@ -23,21 +22,23 @@ from flax import nnx
 
 from data_pipeline import loader as data_loader
 from llada_jax import checkpoints
+from llada_jax.checkpoints import TrainCheckpointer
 from llada_jax import sharding
 from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
 from llada_jax.train import optim
 from llada_jax.train import train_step
-from llada_jax.train.checkpointing import MODEL_CONFIG, TrainCheckpointer, with_shardings
 from llada_jax.model.config import ModelConfig
-from llada_jax.train.config import ConfigError
+from llada_jax.errors import ConfigError
 from llada_jax.train.metrics_writer import MetricsLogger
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    parser.add_argument("--config", required=True,
+                        help="a shipped config (" + ", ".join(train_config.shipped_configs())
+                             + ") or a config file (path.py or path.py:variant)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
     parser.add_argument("--coordinator-address", default=None,
                         help="multi-process runs off TPU: host:port of process 0")
@@ -47,14 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = train_config.load_config(args.config, args.extra)
-        maybe_initialize_distributed(args)
-        trainer = Trainer(config, args.workdir, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:  # config, checkpoint or data the user must fix
-        print(f"llada-jax train: {err}", file=sys.stderr)
-        return 2
-    trainer.fit()
+    config = train_config.load_config(args.config, args.extra)  # validated before anything runs
+    maybe_initialize_distributed(args)
+    Trainer(config, args.workdir, progress=not args.no_progress).fit()
     return 0
 
 
@@ -103,9 +99,6 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
                      eos_token_id: int | None) -> ModelConfig:
     """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
     m = config.model
-    if not m.init:
-        raise ConfigError("config field model.init is empty: pass --config.model.init=CKPT (a "
-                          "params checkpoint from `llada-jax import-hf`), or \"random\"")
     if m.init != "random":
         cfg = checkpoints.load_config(m.init, **train_config.run_settings(config))
         if cfg.vocab_size < vocab_size:
@@ -121,14 +114,13 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                  progress: bool = True):
-        if not config.data.dir:
-            raise ConfigError("config field data.dir is empty: pass "
-                              "--config.data.dir=DATA_DIR (a `llada-jax preprocess` output)")
+        train_config.validate(config, num_devices=jax.device_count(),
+                              num_processes=jax.process_count(), for_training=True)
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.progress = progress
         self.mesh = sharding.make_mesh({k: config.mesh[k] for k in sharding.MESH_AXES})
-        self.rules = sharding.DEFAULT_RULES
+        self.rules = config.mesh.rules
         self.meta = data_loader.read_metadata(config.data.dir)
         self.num_data_shards, self.shards = data_loader.host_shards(
             config.data.global_batch_size, config.data.num_shards)
@@ -175,13 +167,13 @@ class Trainer:
         cfg = self.config
         logger = MetricsLogger(self.workdir)
         if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
-            (self.workdir / MODEL_CONFIG).write_text(json.dumps(self.model_cfg.to_hf_config(), indent=2))
+            checkpoints.write_model_config(self.workdir, self.model_cfg)
         preemption = _Preemption()
         data_iter = self.make_iterator("train", shuffle=True, num_epochs=cfg.train.num_epochs)
         latest = self.checkpointer.latest_step()
         if latest is not None:
             state = self.checkpointer.restore(
-                latest, with_shardings(self.abstract_state, self.state_sharding), data_iter)
+                latest, sharding.with_shardings(self.abstract_state, self.state_sharding), data_iter)
             print(f"llada-jax train: resumed from step {latest} in {self.workdir}")
         else:
             state = self.initial_state()

@@ -277,12 +277,32 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> KVCache:
     return KVCache(zeros(), zeros(), empty, empty)
 
 
-def _write_slots(cache_blskh, layer, new_bkKh, length_b):
-    """cache[b, layer, length_b : length_b + k] = new[b], per row (a scatter batched over rows,
-    so under a mesh each device writes its own rows and heads)."""
-    def one_row(c_lskh, u_kKh, at):
-        return jax.lax.dynamic_update_slice(c_lskh, u_kKh[None].astype(c_lskh.dtype), (layer, at, 0, 0))
-    return constrain(jax.vmap(one_row)(cache_blskh, new_bkKh, length_b), CACHE_AXES)
+def _write_slots(cache_blskh, new_lbkKh, length_b):
+    """cache[b, :, length_b : length_b + k] = new[:, b] for every row: one scatter batched over
+    rows after all layers ran (so the donated cache is updated in place, never copied, and
+    under a mesh each device writes its own rows and heads)."""
+    def one_row(c_lskh, u_lkKh, at):
+        return jax.lax.dynamic_update_slice(c_lskh, u_lkKh.astype(c_lskh.dtype), (0, at, 0, 0))
+    new_blkKh = new_lbkKh.transpose(1, 0, 2, 3, 4)
+    return constrain(jax.vmap(one_row)(cache_blskh, new_blkKh, length_b), CACHE_AXES)
+
+
+def cached_attention(q_bknh, k_bskh, v_bskh, old_bs, k_new_bkKh, v_new_bkKh, new_bqk):
+    """Attention of k new queries over a row's cached keys (visible where old_bs) and the k new
+    keys themselves (where new_bqk: causal, padding hidden), as xla_attention computes it:
+    fp32 scores, one softmax over both, GQA by grouping query heads per KV head."""
+    q, k_old, v_old = _heads_first(q_bknh, k_bskh, v_bskh)
+    k_new, v_new = k_new_bkKh.transpose(0, 2, 1, 3), v_new_bkKh.transpose(0, 2, 1, 3)
+    n_new, low = new_bqk.shape[-1], jnp.finfo(jnp.float32).min
+    scale = jnp.sqrt(jnp.float32(q.shape[-1]))
+    old = jnp.einsum("bkgqh,bksh->bkgqs", q, k_old, preferred_element_type=jnp.float32) / scale
+    new = jnp.einsum("bkgqh,bksh->bkgqs", q, k_new, preferred_element_type=jnp.float32) / scale
+    old = jnp.where(old_bs[:, None, None, None, :], old, low)
+    new = jnp.where(new_bqk[:, None, None], new, low)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_old.dtype)
+    out = (jnp.einsum("bkgqs,bksh->bkgqh", probs[..., :-n_new], v_old)
+           + jnp.einsum("bkgqs,bksh->bkgqh", probs[..., -n_new:], v_new))
+    return _blnh(out)
 
 
 class LLaDAModel(nnx.Module):
@@ -338,8 +358,8 @@ class LLaDAModel(nnx.Module):
         """Appends k tokens to every row of a causal model's cache: (logits, new cache).
 
         Row b's tokens go to slots length_b .. length_b + k - 1 at positions slot - start_b
-        and attend to the row's slots start_b .. own slot (older ones written by earlier
-        calls). logits float32 [B, k, V] (index j: next-token logits after token j), or
+        and attend to the row's cached slots start_b .. length_b - 1 and causally to each
+        other; their keys and values are written once all layers ran. logits float32 [B, k, V] (index j: next-token logits after token j), or
         [B, 1, V] after the last token only (`all_logits=False`, e.g. a prefill).
         """
         cfg = self.cfg
@@ -347,25 +367,25 @@ class LLaDAModel(nnx.Module):
         slots_bk = cache.length_b[:, None] + jnp.arange(k, dtype=jnp.int32)
         sin, cos = rope_tables(slots_bk - cache.start_b[:, None], cfg)
         keys_s = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-        mask_bks = ((keys_s[None, None, :] >= cache.start_b[:, None, None])
-                    & (keys_s[None, None, :] <= slots_bk[:, :, None]))
+        old_bs = (keys_s[None, :] >= cache.start_b[:, None]) & (keys_s[None, :] < cache.length_b[:, None])
+        new_bqk = (jnp.tril(jnp.ones((k, k), bool))[None]
+                   & (slots_bk >= cache.start_b[:, None])[:, None, :])
         x = jnp.take(self.wte[...], tokens_bk, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         stacked = {name: self.layers[name][...] for name in BLOCK_AXES}
 
-        def layer(carry, w_and_index):
-            x_bkd, k_cache, v_cache = carry
+        def layer(x_bkd, w_and_index):
             w, i = w_and_index
             q, k_new, v_new = _qkv(cfg, w, x_bkd, sin, cos)
-            k_cache = _write_slots(k_cache, i, k_new, cache.length_b)
-            v_cache = _write_slots(v_cache, i, v_new, cache.length_b)
-            attn = xla_attention(q, k_cache[:, i], v_cache[:, i], mask_bks)
-            return (_block_rest(cfg, w, x_bkd, attn), k_cache, v_cache), None
+            attn = cached_attention(q, cache.k[:, i], cache.v[:, i], old_bs, k_new, v_new, new_bqk)
+            return _block_rest(cfg, w, x_bkd, attn), (k_new, v_new)
 
-        (x, k_cache, v_cache), _ = jax.lax.scan(
-                layer, (x, cache.k, cache.v), (stacked, jnp.arange(cfg.n_layers)))
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.n_layers)))
         hidden = rms_norm(x if all_logits else x[:, -1:], self.ln_f[...], cfg.rms_norm_eps)
-        return self._logits(hidden), KVCache(k_cache, v_cache, cache.start_b, cache.length_b + k)
+        cache = KVCache(_write_slots(cache.k, k_new, cache.length_b),
+                        _write_slots(cache.v, v_new, cache.length_b), cache.start_b,
+                        cache.length_b + k)
+        return self._logits(hidden), cache
 
     def _run_layers(self, x_bld, sin_bld, cos_bld, mask_bqk) -> jax.Array:
         cfg = self.cfg

@@ -41,7 +41,8 @@ _init_cache = jax.jit(init_cache, static_argnums=(0, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "all_logits"), donate_argnames=("cache",))
-def _extend(graphdef, state, cache: KVCache, tokens_bk, *, all_logits: bool):
+def extend_step(graphdef, state, cache: KVCache, tokens_bk, *, all_logits: bool):
+    """The jitted call under CachedLM (and the TPU decode plan): (logits, cache), cache donated."""
     return nnx.merge(graphdef, state).extend(tokens_bk, cache, all_logits=all_logits)
 
 
@@ -101,7 +102,7 @@ class CachedLM:
                              f"({self.batch_size} rows of {self.max_length} slots, fullest row at "
                              f"{self._slots.max()})")
         with self._context():
-            logits, self.cache = _extend(self.graphdef, self.state, self.cache, tokens_bk,
+            logits, self.cache = extend_step(self.graphdef, self.state, self.cache, tokens_bk,
                                          all_logits=all_logits)
         self._slots += k
         return logits

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 from data_pipeline import records, worker
@@ -73,9 +73,29 @@ def run(args: argparse.Namespace) -> int:
 def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                in_flight_bytes: int = 256 << 20, overwrite: bool = False) -> dict:
     """Builds (or reuses) the dataset under `out`; returns the report dict."""
+    converter = _checked_converter(opts)  # validates the tokenizers before any worker starts
+
+    def results() -> Iterator[Result]:
+        spans = (s for f in files for s in iter_record_spans(f))
+        return _convert_all(spans, opts, converter, workers, in_flight_bytes)
+
+    return write_dataset(results, out, opts, converter, inputs=files,
+                         input_bytes=sum(os.path.getsize(f) for f in files), workers=workers,
+                         overwrite=overwrite)
+
+
+def _checked_converter(opts: Options) -> Converter:
     if opts.top_k < 1 or opts.max_length < 1:
         raise ValueError("--top-k and --max-length must be positive")
-    converter = Converter(opts)  # validates the tokenizers before any worker starts
+    return Converter(opts)
+
+
+def write_dataset(results: Callable[[], Iterator[Result]], out: str, opts: Options,
+                  converter: Converter, *, inputs: list[str], input_bytes: int, workers: int = 1,
+                  overwrite: bool = False) -> dict:
+    """The dataset, report.json and skipped.jsonl under `out` from converted records
+    (`results()`, called once unless a finished dataset with these options is reused): what
+    preprocess writes, also used by generate-teacher --records."""
     metadata = _metadata(opts, converter)
     final = os.path.join(out, records.NAME, records.VERSION)
     if os.path.isdir(final) and not overwrite:
@@ -88,8 +108,7 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
     summary: dict = {}
 
     def examples() -> Iterator[tuple[str, dict]]:
-        spans = (s for f in files for s in iter_record_spans(f))
-        for result in _convert_all(spans, opts, converter, workers, in_flight_bytes):
+        for result in results():
             report.add(result)
             if result.example is not None:
                 yield result.split, result.example
@@ -98,10 +117,9 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
         shards = glob.glob(os.path.join(data_dir, "*.array_record*"))
         shard_bytes = sum(os.path.getsize(p) for p in shards)
         seconds = time.time() - start
-        input_bytes = sum(os.path.getsize(f) for f in files)
         summary.update(report.finish(data_dir, shard_bytes, {
             "vocab_matched_pct": converter.vocab_matched_pct(),
-            "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
+            "alignment_mode": converter.mode, "inputs": inputs, "seconds": round(seconds, 2),
             "input_mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 2),
             "workers": workers, "metadata": metadata}))
         assert counts == {s: summary["written_per_split"].get(s, 0) for s in records.SPLITS}

@@ -70,7 +70,7 @@ def load_params(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
         cfg = cfg.replace(param_dtype=dtype)
     graphdef, state = nnx.split(abstract_model(cfg))
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # multi-process: ours
         shardings = jax.tree.map(lambda _: device, state)
     else:
         shardings = sharding_lib.param_shardings(state, mesh, rules or sharding_lib.DEFAULT_RULES)

@@ -6,7 +6,8 @@ import json
 import pathlib
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # name -> (LlamaConfig kwargs, config.json form): every RoPE type we compute, GQA, tied/untied,
 # an original context (16) shorter than the sequences the tests run.
@@ -69,3 +70,30 @@ def hf_logits(hf_dir: pathlib.Path, tokens, dtype=torch.float32, attention_mask=
     with torch.no_grad():
         out = model(torch.as_tensor(tokens).long(), attention_mask=attention_mask)
     return out.logits.float().numpy()
+
+
+TEXT = ["the cat sat on the mat and the dog sat on the log",
+        "a quick brown fox jumps over the lazy dog near the river bank"]
+
+
+def write_llama_teacher(root: pathlib.Path, seed: int = 3):
+    """(HF dir, tokenizer): a random LlamaForCausalLM (untied, llama3 x8, GQA, 4.x config.json)
+    with a byte-level BPE tokenizer (BOS added, eos <|eot_id|> = 2) saved next to it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Only the characters of TEXT (no byte alphabet): every id decodes to whole characters, so
+    # a random model's output is valid text that preprocess can align.
+    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
+            vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+            show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                     eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    kwargs, _ = CONFIGS["untied_llama3_f8_gqa_4x"]
+    config = llama_config(**kwargs | dict(vocab_size=len(hf_tok), bos_token_id=0,
+                                          eos_token_id=2, pad_token_id=1))
+    write_llama_dir(root, config, "4.x", seed=seed)
+    hf_tok.save_pretrained(str(root))
+    return root, hf_tok

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 import llama_fixtures as lf
 from llada_jax import cli, sharding
@@ -102,30 +101,9 @@ def test_sharded_cache_matches_and_is_split_over_rows_and_heads(model):
 
 # ------------------------------------------------------- generate-teacher vs transformers.generate
 
-TEXT = ["the cat sat on the mat and the dog sat on the log",
-        "a quick brown fox jumps over the lazy dog near the river bank"]
-
-
 @pytest.fixture(scope="module")
 def llama_teacher(tmp_path_factory):
-    """An HF dir: random LlamaForCausalLM (untied, llama3 x8, GQA, 4.x config) + its tokenizer."""
-    root = tmp_path_factory.mktemp("llama_teacher")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
-            vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                     eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
-    kwargs, _ = lf.CONFIGS["untied_llama3_f8_gqa_4x"]
-    config = lf.llama_config(**kwargs | dict(vocab_size=len(hf_tok), bos_token_id=0,
-                                             eos_token_id=2, pad_token_id=1))
-    lf.write_llama_dir(root, config, "4.x", seed=3)
-    hf_tok.save_pretrained(str(root))
-    return root, hf_tok
+    return lf.write_llama_teacher(tmp_path_factory.mktemp("llama_teacher"))
 
 
 def test_generate_teacher_equals_transformers_greedy_generate(llama_teacher, tmp_path):

@@ -215,11 +215,19 @@ def to_record(prompt: str, row: _Row, tokenizer: PreTrainedTokenizerBase,
 
 
 def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
-                     sampling: Sampling = Sampling(), *, batch_size: int = 8,
-                     full_logits: bool = False, chat_template: bool = False,
-                     mesh: jax.sharding.Mesh | None = None) -> Iterator[dict]:
-    """Seed-format records, one per prompt, in prompt order, produced batch by batch (rows of
-    a batch over the mesh's data axes, heads over `tensor`, when `mesh` is given)."""
+                     sampling: Sampling = Sampling(), **options) -> Iterator[dict]:
+    """Seed-format records, one per prompt, in prompt order (options: see generate_rows)."""
+    token_text = _TokenText(tokenizer)
+    for text, row in generate_rows(model, tokenizer, prompts, sampling, **options):
+        yield to_record(text, row, tokenizer, token_text)
+
+
+def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+                  sampling: Sampling = Sampling(), *, batch_size: int = 8,
+                  full_logits: bool = False, chat_template: bool = False,
+                  mesh: jax.sharding.Mesh | None = None) -> Iterator[tuple[str, _Row]]:
+    """(prompt text, generated row) per prompt, in prompt order, produced batch by batch (rows
+    of a batch over the mesh's data axes, heads over `tensor`, when `mesh` is given)."""
     cfg = model.cfg
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
@@ -230,16 +238,15 @@ def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
     model_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
     stop_ids = {i for i in (tokenizer.eos_token_id, *model_eos) if i is not None}
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
-    token_text = _TokenText(tokenizer)
     key = jax.random.key(sampling.seed)
     batch: list[tuple[str, list[int]]] = []
 
-    def flush() -> Iterator[dict]:
+    def flush() -> Iterator[tuple[str, _Row]]:
         nonlocal key
         key, sub = jax.random.split(key)
         rows = generate_batch(model, [ids for _, ids in batch], sampling, stop_ids, pad_id,
                               cfg.vocab_size, sub, batch_size, full_logits, mesh)
-        yield from (to_record(text, row, tokenizer, token_text) for (text, _), row in zip(batch, rows))
+        yield from ((text, row) for (text, _), row in zip(batch, rows))
         batch.clear()
 
     for index, prompt in enumerate(prompts):
@@ -325,7 +332,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device mesh, e.g. tensor=8 (rows over data, heads over tensor)")
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
-    parser.add_argument("--out", required=True, help="output .jsonl or .json (seed format)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output .jsonl or .json (seed format)")
+    out.add_argument("--records", metavar="DATA_DIR",
+                     help="write the training dataset (as preprocess does) instead of JSON")
+    parser.add_argument("--student-tokenizer", help="--records: the student tokenizer (as preprocess)")
+    parser.add_argument("--top-k", type=int, default=64, help="--records: teacher log-probs kept")
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="--records: max student tokens per example")
+    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--overwrite", action="store_true", help="--records: rebuild DATA_DIR")
+    parser.add_argument("--coordinator-address", default=None,
+                        help="multi-process runs off TPU: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample")
@@ -346,12 +366,17 @@ def run(args: argparse.Namespace) -> int:
         problems.append("need --temperature >= 0 and 0 < --top-p <= 1")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         problems.append("need --max-new-tokens >= 1 and --batch-size >= 1")
+    if args.records and not args.student_tokenizer:
+        problems.append("--records needs --student-tokenizer (the tokenizer the dataset is for)")
     if problems:
         print("generate-teacher: " + "; ".join(problems), file=sys.stderr)
         return 2
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     try:
         mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
+        if args.records:
+            from llada_jax.teacher import to_records  # it builds on this module
+            return to_records.run(args, sampling, mesh)
         count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
                                  dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
                                  full_logits=args.full_logits, chat_template=args.chat_template)

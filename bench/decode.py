@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import sys
 import time
@@ -35,6 +36,7 @@ from flax import nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import benchlib  # noqa: E402
 from llada_jax.teacher import generate as gt  # noqa: E402
 
 ASSETS = ROOT / "llada_jax" / "demo_assets"
@@ -56,7 +58,8 @@ def _recompute_step(graphdef, state, tokens_bl, pad_b, column):
     return jax.lax.dynamic_update_slice_in_dim(tokens_bl, chosen[:, None], column + 1, axis=1)
 
 
-def recompute_generate(model, prompts: list[list[int]], new_tokens: int) -> np.ndarray:
+def recompute_generate(model, prompts: list[list[int]], new_tokens: int,
+                       steps: int | None = None) -> np.ndarray:
     width = -(-max(map(len, prompts)) // gt.PROMPT_BUCKET) * gt.PROMPT_BUCKET
     tokens = np.zeros((len(prompts), width + new_tokens), np.int32)
     pads = np.array([width - len(p) for p in prompts], np.int32)
@@ -64,7 +67,7 @@ def recompute_generate(model, prompts: list[list[int]], new_tokens: int) -> np.n
         tokens[r, pads[r]:width] = p
     graphdef, state = nnx.split(model)
     tokens_bl = jnp.asarray(tokens)
-    for step in range(new_tokens):
+    for step in range(new_tokens if steps is None else steps):
         tokens_bl = _recompute_step(graphdef, state, tokens_bl, jnp.asarray(pads), width - 1 + step)
     return np.asarray(tokens_bl)[:, width:]
 
@@ -75,8 +78,8 @@ def cached_generate(model, prompts: list[list[int]], new_tokens: int) -> np.ndar
     return np.array([row.ids for row in rows])
 
 
-def _timed(fn, *args) -> tuple[float, np.ndarray]:
-    fn(*args)  # compile
+def _timed(fn, *args, **warm_up) -> tuple[float, np.ndarray]:
+    fn(*args, **warm_up)  # compiles the shapes
     started = time.perf_counter()
     out = fn(*args)
     return time.perf_counter() - started, out
@@ -86,7 +89,7 @@ def speed(args) -> None:
     model, tok = gt.load_teacher(ASSETS / "teacher", ASSETS / "teacher_tokenizer")
     lines = (ASSETS / "prompts_train.txt").read_text().splitlines()[:args.batch]
     prompts = [tok(line)["input_ids"] for line in lines]
-    print(f"demo teacher: {model.cfg.n_layers} layers, d {model.cfg.d_model}, vocab "
+    print(f"{benchlib.load()}; demo teacher: {model.cfg.n_layers} layers, d {model.cfg.d_model}, vocab "
           f"{model.cfg.vocab_size}; batch {args.batch}, prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens; {jax.devices()[0].platform}")
     print("| new tokens | recompute tokens/s | cached tokens/s | speed-up | same tokens |")
@@ -94,7 +97,7 @@ def speed(args) -> None:
     for new in args.new_tokens:
         # RoPE has no length limit; the demo config's 256 is a data limit, lifted here.
         model.cfg = model.cfg.replace(max_sequence_length=max(model.cfg.max_sequence_length, 1024))
-        slow, slow_ids = _timed(recompute_generate, model, prompts, new)
+        slow, slow_ids = _timed(recompute_generate, model, prompts, new, steps=2)
         fast, fast_ids = _timed(cached_generate, model, prompts, new)
         count = args.batch * new
         print(f"| {new} | {count / slow:,.0f} | {count / fast:,.0f} | {slow / fast:.1f}x | "
@@ -127,14 +130,19 @@ def plan(args) -> None:
         mesh = {"data": 1, "fsdp": devices // 8, "tensor": 8}
         step = mesh["fsdp"]
         started = time.perf_counter()
-        compile_at = lambda b: tpu_compile.compile_decode_step(
-                cfg, target, mesh, batch_size=b, max_length=args.context)
+        def compile_at(batch):  # None: the compiler found no schedule within HBM
+            try:
+                return tpu_compile.compile_decode_step(cfg, target, mesh, batch_size=batch,
+                                                       max_length=args.context)
+            except tpu_compile.OutOfHbm:
+                return None
+
         small, large = compile_at(step), compile_at(2 * step)
         per_row = (large.total_bytes - small.total_bytes) / step
         fixed = small.total_bytes - per_row * step
         batch = int((small.hbm_bytes - fixed) // per_row) // step * step
         report = compile_at(batch)
-        while not report.fits and batch > step:
+        while (report is None or not report.fits) and batch > step:
             batch -= step
             report = compile_at(batch)
         weights = small.argument_bytes - per_row * step  # arguments minus the cache
@@ -154,6 +162,8 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", default=["v5p-32", "v5e-64", "v6e-16"])
     p.add_argument("--context", type=int, default=4096)
     args = parser.parse_args()
+    if args.what == "speed":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     speed(args) if args.what == "speed" else plan(args)
 
 

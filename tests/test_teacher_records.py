@@ -3,7 +3,6 @@ preprocess) record for record, in one process and in two (localhost, gloo collec
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 import llama_fixtures as lf
 from data_pipeline import records, toy_tokenizers
 from llada_jax import cli
+from tests.test_multihost import free_port
 
 PROMPTS = ["the cat sat", "a quick brown fox jumps over", "dog", "the lazy dog near the",
            "on the mat and", "river"]
@@ -81,16 +81,10 @@ def test_records_route_equals_json_route(setup):
           f"{direct['bytes_on_disk'] / teacher_tokens:,.0f} (top-{TOP_K}, tiny shards)")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_write_the_same_dataset_once(setup):
     root, records_args = setup
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(

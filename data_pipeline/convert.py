@@ -91,12 +91,24 @@ class Converter:
         except SkipRecord as skip:
             return Result(raw.file, raw.index, reason=skip.reason, detail=skip.detail)
 
-    def _reduce_full(self, logits: np.ndarray) -> targets.Target:
+    def reduce_full(self, logits: np.ndarray) -> targets.Target:
+        """One entry's full teacher logits -> its stored target (top-k + tail, student ids)."""
         return targets.from_full_logits(logits, self.id_map, len(self.student), self.opts.top_k)
 
+    def convert_parsed(self, file: str, index: int, rec: TeacherRecord) -> Result:
+        """A record already in memory (generate-teacher --records): convert() after parsing;
+        each Entry.full is reduce_full(its logits) or None."""
+        try:
+            return self._convert_record(file, index, rec)
+        except SkipRecord as skip:
+            return Result(file, index, reason=skip.reason, detail=skip.detail)
+
     def _convert(self, raw: RawRecord) -> Result:
-        rec = parse_record(raw.text, self._reduce_full, self.id_bound, self.full_length,
+        rec = parse_record(raw.text, self.reduce_full, self.id_bound, self.full_length,
                            self.length_hint)
+        return self._convert_record(raw.file, raw.index, rec)
+
+    def _convert_record(self, file: str, index: int, rec: TeacherRecord) -> Result:
         written = rec.response.encode("utf-8")
         response, spans = self._rewrite(written)
         pieces, scheme = self._teacher_pieces(rec, (response, written))
@@ -117,7 +129,7 @@ class Converter:
         top5_ids = [self._top5_student_ids(e, scheme, identity) for e in rec.entries]
         per_position = [self._target(rec.entries[i], top5_ids[i]) if i >= 0 else None
                         for i in teacher_of]
-        result = self._example(raw, rec, prompt_ids, response_ids, per_position)
+        result = self._example(file, index, rec, prompt_ids, response_ids, per_position)
         result.stats["top5_candidates"] = sum(len(ids) for ids in top5_ids)
         result.stats["top5_mapped"] = sum(int((ids >= 0).sum()) for ids in top5_ids)
         result.stats["with_markers"] = int(bool(len(spans) or len(prompt_spans)))
@@ -182,7 +194,7 @@ class Converter:
             return entry.full
         return targets.from_top5(student_ids, entry.top5_logits, self.opts.top_k)
 
-    def _example(self, raw: RawRecord, rec: TeacherRecord, prompt_ids: np.ndarray,
+    def _example(self, file: str, index: int, rec: TeacherRecord, prompt_ids: np.ndarray,
                  response_ids: np.ndarray, per_position: list) -> Result:
         tokens = np.concatenate([prompt_ids, response_ids]).astype(np.int32)
         plen = len(prompt_ids)
@@ -219,7 +231,7 @@ class Converter:
                  "teacher_positions": len(rec.entries),
                  "mass_kept": sum(t.mass_kept for _, t in kept), "truncated": int(truncated)}
         split = "validation" if fraction < self.opts.validation_fraction else "train"
-        return Result(raw.file, raw.index, example, split, stats=stats)
+        return Result(file, index, example, split, stats=stats)
 
 
 def _fit(id_map: np.ndarray, size: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import tqdm
@@ -96,47 +96,67 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                beam_runner: str | None = None, beam_options: str = "") -> dict:
     """Builds (or reuses) the dataset under `out`; returns the report dict. With `beam_runner`
     the conversion runs as a Beam pipeline (beam_pipeline.py) instead of local workers."""
+    converter = _checked_converter(opts)  # validates the tokenizers before any worker starts
+    for f in files:
+        if is_csv(f):
+            csv_header(f)  # a CSV without the needed columns is a user error, before any work
+    input_bytes = sum(fileio.size(f) for f in files)
+
+    def results() -> Iterator[Result]:
+        with _progress(input_bytes) as bar:
+            spans = _counted((s for f in files for s in iter_record_spans(f)), bar)
+            yield from _convert_all(spans, opts, converter, workers, in_flight_bytes)
+
+    return write_dataset(results, out, opts, converter, inputs=files, input_bytes=input_bytes,
+                         workers=workers, overwrite=overwrite, beam_runner=beam_runner,
+                         beam_options=beam_options)
+
+
+def _checked_converter(opts: Options) -> Converter:
     if opts.top_k < 1 or opts.max_length < 1:
         raise DataError("--top-k and --max-length must be positive")
     if opts.record_format not in records.FORMATS:
         raise DataError(f"record format {opts.record_format}: expected one of {records.FORMATS}")
-    converter = Converter(opts)  # validates the tokenizers before any worker starts
-    for f in files:
-        if is_csv(f):
-            csv_header(f)  # a CSV without the needed columns is a user error, before any work
+    return Converter(opts)
+
+
+def write_dataset(results: Callable[[], Iterator[Result]], out: str, opts: Options,
+                  converter: Converter, *, inputs: list[str], input_bytes: int, workers: int = 1,
+                  overwrite: bool = False, beam_runner: str | None = None,
+                  beam_options: str = "") -> dict:
+    """The dataset, report.json and skipped.jsonl under `out` from converted records
+    (`results()`, called once unless a finished dataset with these options is reused): what
+    preprocess writes, also used by generate-teacher --records. With `beam_runner` the inputs
+    are converted on Beam instead (`results` is not called)."""
     metadata = _metadata(opts, converter)
     final = os.path.join(out, records.NAME, records.VERSION)
     if _exists(final) and not overwrite:
         return _reuse(final, metadata)
     start = time.time()
-    input_bytes = sum(fileio.size(f) for f in files)
 
     def extra() -> dict:
         seconds = time.time() - start
         return {"vocab_matched_pct": converter.vocab_matched_pct(),
-                "alignment_mode": converter.mode, "inputs": files, "seconds": round(seconds, 2),
+                "alignment_mode": converter.mode, "inputs": inputs, "seconds": round(seconds, 2),
                 "input_mb_per_s": round(input_bytes / 1e6 / max(seconds, 1e-9), 2),
                 "workers": workers, "beam_runner": beam_runner, "metadata": metadata}
 
     if beam_runner:
-        return _beam_pipeline().run_beam(files, out, opts, metadata, beam_runner, beam_options,
+        return _beam_pipeline().run_beam(inputs, out, opts, metadata, beam_runner, beam_options,
                                          extra, overwrite)
     if fileio.is_remote(out):
         raise DataError(f"--out {out}: a bucket path needs --beam-runner")
     for stale in glob.glob(os.path.join(out, records.NAME, f"incomplete.*{records.VERSION}")):
         shutil.rmtree(stale)  # left by a run that crashed
     os.makedirs(out, exist_ok=True)
-    report = Report(os.path.join(out, f".skipped-{os.getpid()}.jsonl"), file_order(files))
+    report = Report(os.path.join(out, f".skipped-{os.getpid()}.jsonl"), file_order(inputs))
     summary: dict = {}
 
     def examples() -> Iterator[tuple[str, dict]]:
-        with _progress(input_bytes) as bar:
-            spans = _counted((s for f in files for s in iter_record_spans(f)), bar)
-            for result in _convert_all(spans, opts, converter, workers, in_flight_bytes):
-                report.add(result)
-                bar.set_postfix_str(f"{report.read} records", refresh=False)
-                if result.example is not None:
-                    yield result.split, result.example
+        for result in results():
+            report.add(result)
+            if result.example is not None:
+                yield result.split, result.example
 
     def on_complete(data_dir: str, counts: dict[str, int]) -> None:
         shards = glob.glob(os.path.join(data_dir, "*.array_record*"))
@@ -183,8 +203,9 @@ def _progress(input_bytes: int) -> tqdm.tqdm:
 
 
 def _counted(spans: Iterator[RecordSpan], bar: tqdm.tqdm) -> Iterator[RecordSpan]:
-    for span in spans:
+    for n, span in enumerate(spans, 1):
         bar.update(span.end - span.start)
+        bar.set_postfix_str(f"{n} records", refresh=False)
         yield span
 
 

@@ -91,7 +91,8 @@ def load_config(path: str | pathlib.Path, **run_settings) -> ModelConfig:
 def _restore_target(cfg: ModelConfig, mesh, rules):
     """(graphdef, abstract params State whose ShapeDtypeStructs carry their shardings)."""
     graphdef, state = nnx.split(hf_params.abstract_model(cfg), nnx.Param)
-    mesh = mesh or sharding_lib.make_mesh(devices=jax.devices()[:1])
+    # Without a mesh: this process's first device (in a multi-process run, not process 0's).
+    mesh = mesh or sharding_lib.make_mesh(devices=jax.local_devices()[:1])
     shardings = sharding_lib.param_shardings(state, mesh, rules or sharding_lib.DEFAULT_RULES)
     dtype = DTYPES[cfg.param_dtype]
     target = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)),

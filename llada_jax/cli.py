@@ -17,8 +17,8 @@ from llada_jax.errors import UserError
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("data_pipeline.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
-    "import-hf": ("llada_jax.model.import_hf", "HF LLaDA dir (safetensors) -> params checkpoint"),
-    "export-hf": ("llada_jax.model.export_hf", "params checkpoint -> HF LLaDA dir (safetensors)"),
+    "import-hf": ("llada_jax.model.import_hf", "HF LLaDA or LLaMA dir (safetensors) -> params checkpoint"),
+    "export-hf": ("llada_jax.model.export_hf", "params checkpoint -> HF LLaDA or LLaMA dir (safetensors)"),
     "train": ("llada_jax.train.trainer", "fine-tune the student on teacher targets (resumes by itself)"),
     "eval": ("llada_jax.eval.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
     "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),

@@ -148,8 +148,8 @@ def test_config_rejects_inconsistent_sizes():
     with pytest.raises(ConfigError, match="must be even for RoPE"):
         ModelConfig(d_model=45, n_heads=3, n_layers=1, mlp_hidden_size=8, vocab_size=10,
                     mask_token_id=9)
-    with pytest.raises(ConfigError, match="model_type='llama'"):
-        ModelConfig.from_hf_config({"model_type": "llama"})
+    with pytest.raises(ConfigError, match="model_type='mistral'"):  # llama: test_llama_import.py
+        ModelConfig.from_hf_config({"model_type": "mistral"})
     fresh = ModelConfig(d_model=32, n_heads=4, n_layers=1, mlp_hidden_size=8, vocab_size=10,
                         mask_token_id=9).to_hf_config()
     assert fresh["block_type"] == "llama" and fresh["auto_map"]["AutoModel"].endswith("LLaDAModelLM")

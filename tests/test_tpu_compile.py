@@ -86,3 +86,22 @@ def test_llada_8b_variants_match_their_slice(variant, target):
     assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == chips
     assert config.data.global_batch_size % chips == 0 and config.data.seq_len == 4096
     assert (config.model.attention_impl, config.model.dtype) == ("splash", "bfloat16")
+
+
+def test_cached_decode_step_updates_the_cache_in_place():
+    """The teacher's KV-cached step (teacher/decode.py) on v5e 2x2, KV heads over tensor, rows
+    over fsdp: the donated cache is aliased to the output and the temporaries do not grow with
+    it (the new keys/values are written once, not copied per layer)."""
+    from llada_jax.model.config import ModelConfig
+    cfg = ModelConfig(d_model=256, n_heads=4, n_kv_heads=2, n_layers=3, mlp_hidden_size=512,
+                      vocab_size=VOCAB, mask_token_id=None, causal=True, model_type="llama",
+                      param_dtype="bfloat16", dtype="bfloat16")
+    mesh = {"data": 1, "fsdp": 2, "tensor": 2}
+    reports = [tpu_compile.compile_decode_step(cfg, "v5e-4", mesh, batch_size=8, max_length=s)
+               for s in (512, 1024)]
+    for report, slots in zip(reports, (512, 1024)):
+        # k and v [B, layers, S, K, hd] bf16, this device's quarter (rows / 2, heads / 2).
+        cache = 2 * 8 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * 2 // 4
+        assert report.alias_bytes >= cache and report.fits
+    grown = reports[1].temp_bytes - reports[0].temp_bytes
+    assert grown < 0.1 * (reports[1].alias_bytes - reports[0].alias_bytes), grown

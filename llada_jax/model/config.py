@@ -1,5 +1,9 @@
 """Model configuration: the LLaDA architecture fields of an HF `config.json`, plus how we run it.
 
+An HF LLaMA config.json (`model_type: "llama"`, e.g. a LLaMA-3 teacher) is read and written by
+llama_config.py into the same dataclass (`model_type="llama"`, causal); the rest of this
+docstring is about LLaDA's.
+
 `ModelConfig.from_hf_config(json.load(open("config.json")))` reads an HF LLaDA config
 (`configuration_llada.py` fields; a missing field takes that file's default, as the HF code does)
 and refuses values this implementation does not compute (non-"llama" blocks, ALiBi, biases, ...)
@@ -20,6 +24,8 @@ import ml_dtypes
 import numpy as np
 
 from llada_jax.errors import ConfigError
+from llada_jax.model import llama_config
+from llada_jax.model.rope import RopeScaling
 
 # Param and compute dtypes by config name (the remat and attention choices are the keys of
 # modeling.REMAT_POLICIES and modeling.ATTENTION_IMPLS).
@@ -93,10 +99,12 @@ class ModelConfig:
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
     max_sequence_length: int = 4096
-    mask_token_id: int = 126336
-    eos_token_id: int | None = 126081
+    mask_token_id: int | None = 126336      # None: a causal LM without one (LLaMA)
+    eos_token_id: int | tuple[int, ...] | None = 126081   # LLaMA-3 instruct lists several
     pad_token_id: int | None = 126081
     weight_tying: bool = False
+    rope_scaling: RopeScaling | None = None  # None = plain RoPE (LLaDA); see rope.py
+    model_type: str = "llada"                # HF format: "llada" or "llama" (key names, config)
     # Our run settings (not HF fields).
     causal: bool = False                   # True: LLaMA-style causal attention (e.g. a teacher)
     scan_layers: bool = True               # False: a Python loop over the same stacked params
@@ -128,9 +136,13 @@ class ModelConfig:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.embedding_size < self.vocab_size:
             problems.append(f"embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
-        if not 0 <= self.mask_token_id < self.embedding_size:
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.embedding_size:
             problems.append(f"mask_token_id={self.mask_token_id} is outside the embedding table "
                             f"(embedding_size={self.embedding_size})")
+        if self.model_type not in ("llada", "llama"):
+            problems.append(f"model_type={self.model_type!r} is not 'llada' or 'llama'")
+        elif self.model_type == "llada" and (self.rope_scaling or RopeScaling()).rope_type != "default":
+            problems.append("RoPE scaling is only read and written for LLaMA configs")
         for name, allowed in run_setting_choices().items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -142,20 +154,27 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
-        """HF LLaDA config.json dict -> ModelConfig; `overrides` set run settings (e.g. dtype)."""
-        if hf.get("model_type", "llada") != "llada":
-            raise ConfigError(f"config.json has model_type={hf['model_type']!r}; expected 'llada'")
+        """HF LLaDA or LLaMA config.json dict -> ModelConfig; `overrides` set run settings."""
+        if hf.get("model_type", "llada") not in ("llada", "llama"):
+            raise ConfigError(f"config.json has model_type={hf['model_type']!r}; expected 'llada' "
+                              f"or 'llama' (LlamaForCausalLM)")
+        own = dict(hf.get(OWN_KEY) or {})
+        own.update(overrides)
+        unknown = own.keys() - set(RUN_SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown run settings {sorted(unknown)}; they are {RUN_SETTINGS}")
+        hf_extra = tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k != OWN_KEY))
+        if hf.get("model_type") == "llama":
+            fields, problems = llama_config.fields_from_hf(hf)
+            if problems:
+                raise ConfigError("unsupported LLaMA config.json: " + "; ".join(problems))
+            return cls(**(fields | own), hf_extra=hf_extra)
         get = lambda key: hf.get(key, _HF_DEFAULTS[key])
         problems = [f"{field}={get(field)!r}: {why} (need {want!r})"
                     for field, (want, why) in _REQUIRED_VALUES.items()
                     if _normalise(field, get(field)) != want]
         if problems:
             raise ConfigError("unsupported LLaDA config.json: " + "; ".join(problems))
-        own = dict(hf.get(OWN_KEY) or {})
-        own.update(overrides)
-        unknown = own.keys() - set(RUN_SETTINGS)
-        if unknown:
-            raise ConfigError(f"unknown run settings {sorted(unknown)}; they are {RUN_SETTINGS}")
         mlp_hidden = get("mlp_hidden_size") or get("mlp_ratio") * get("d_model")
         return cls(
             d_model=get("d_model"), n_heads=get("n_heads"), n_layers=get("n_layers"),
@@ -165,13 +184,15 @@ class ModelConfig:
             rms_norm_eps=float(get("rms_norm_eps")), max_sequence_length=get("max_sequence_length"),
             mask_token_id=get("mask_token_id"), eos_token_id=get("eos_token_id"),
             pad_token_id=get("pad_token_id"), weight_tying=bool(get("weight_tying")),
-            hf_extra=tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k != OWN_KEY)),
-            **own)
+            hf_extra=hf_extra, **own)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A config.json dict the original HF LLaDA code loads (see the module docstring)."""
+        """A config.json dict the original HF LLaDA code (or LlamaForCausalLM) loads."""
+        source = {k: json.loads(v) for k, v in self.hf_extra}
+        if self.model_type == "llama":
+            return llama_config.to_hf(self, source) | {OWN_KEY: self._run_settings()}
         hf = dict(_HF_TEMPLATE) if not self.hf_extra else {}
-        hf.update((k, json.loads(v)) for k, v in self.hf_extra)
+        hf.update(source)
         hf.update({
             "d_model": self.d_model, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "n_layers": self.n_layers, "mlp_hidden_size": self.mlp_hidden_size,
@@ -183,8 +204,11 @@ class ModelConfig:
         })
         if hf.get("multi_query_attention") is not None:  # n_kv_heads now says it all
             hf["multi_query_attention"] = None
-        hf[OWN_KEY] = {f: getattr(self, f) for f in RUN_SETTINGS}
+        hf[OWN_KEY] = self._run_settings()
         return hf
+
+    def _run_settings(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in RUN_SETTINGS}
 
 
 def run_setting_choices() -> dict[str, tuple[str, ...]]:

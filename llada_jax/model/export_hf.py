@@ -1,4 +1,6 @@
-"""`llada-jax export-hf`: a checkpoint -> an HF LLaDA dir the original PyTorch code loads.
+"""`llada-jax export-hf`: a params checkpoint -> an HF dir the original PyTorch code loads.
+
+A LLaDA checkpoint is written for LLaDAModelLM, an imported LLaMA one for LlamaForCausalLM.
 
     llada-jax export-hf --ckpt ckpt/llada8b --out exported --source-hf-dir LLaDA-8B-Instruct
                         [--dtype bfloat16] [--max-shard-size 5GB]

@@ -1,4 +1,8 @@
-"""`llada-jax import-hf`: an HF LLaDA dir (safetensors) -> a params checkpoint (orbax + config.json).
+"""`llada-jax import-hf`: an HF LLaDA or LLaMA dir (safetensors) -> a params checkpoint.
+
+config.json's model_type picks the format: "llada" (LLaDAModelLM) or "llama" (LlamaForCausalLM,
+e.g. a LLaMA-3 teacher: imported causal, with its RoPE scaling). The checkpoint is orbax params
+plus config.json.
 
     llada-jax import-hf --hf-dir LLaDA-8B-Instruct --out ckpt/llada8b [--dtype float32]
                         [--mesh fsdp=4,tensor=2]

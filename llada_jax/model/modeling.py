@@ -5,6 +5,8 @@
     logits_blv = model(tokens_bl)                                  # float32 [B, L, V]
     hidden_bld = model(tokens_bl, return_hidden=True)              # after ln_f, compute dtype
     head_dv = model.lm_head_weight()                               # logits == hidden @ head
+    cache = init_cache(cfg, B, S)                                  # causal models: KV cache
+    logits_bkv, cache = model.extend(tokens_bk, cache)             # append k tokens per row
 
 Per block (DESIGN.md): h = x + attn_out(Attn(attn_norm(x))); y = h + ff_out(silu(ff_proj(n)) *
 up_proj(n)) with n = ff_norm(h). Every block parameter is stacked on a leading 'layers' axis;
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llada_jax.model import splash
+from llada_jax.model import rope, splash
 from llada_jax.model.config import ModelConfig
 from llada_jax.sharding import constrain
 
@@ -64,10 +67,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def rope_tables(positions_bl: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """(sin, cos) float32 [B, L, head_dim] for the half-split rotation; positions absolute."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions_bl.astype(jnp.float32)[..., None] * inv_freq
+def rope_tables(positions_bl: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) float32 [B, L, head_dim] for the half-split rotation; positions absolute;
+    inverse frequencies with the config's scaling (rope.py)."""
+    inv_freq_h = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    freqs = positions_bl.astype(jnp.float32)[..., None] * inv_freq_h
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.sin(angles), jnp.cos(angles)
 
@@ -219,20 +223,29 @@ def swiglu(x_bld, w_gate_df, w_up_df, w_down_fd):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def block_forward(cfg: ModelConfig, w: dict[str, jax.Array], x_bld: jax.Array,
-                  sin_bld: jax.Array, cos_bld: jax.Array, mask_bqk: jax.Array | None) -> jax.Array:
-    """One LLaMA-style block; `w` holds one layer's weights (param dtype), x in compute dtype."""
-    dtype = x_bld.dtype
-    cast = lambda name: w[name].astype(dtype)
+def _qkv(cfg: ModelConfig, w: dict[str, jax.Array], x_bld, sin_bld, cos_bld):
+    """The block's attention inputs: q [B, L, N, hd], k and v [B, L, K, hd] (RoPE applied)."""
+    cast = lambda name: w[name].astype(x_bld.dtype)
     normed = rms_norm(x_bld, w["attn_norm"], cfg.rms_norm_eps)
     q = apply_rope(jnp.einsum("bld,dnh->blnh", normed, cast("q_proj")), sin_bld, cos_bld)
     k = apply_rope(jnp.einsum("bld,dkh->blkh", normed, cast("k_proj")), sin_bld, cos_bld)
     v = jnp.einsum("bld,dkh->blkh", normed, cast("v_proj"))
-    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
-    k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-    attn = ATTENTION_IMPLS[cfg.attention_impl](q, k, v, mask_bqk)
-    h = x_bld + jnp.einsum("blnh,nhd->bld", attn, cast("attn_out"))
+    return (constrain(q, ("batch", "length", "act_heads", "head_dim")),
+            constrain(k, ("batch", "length", "act_kv_heads", "head_dim")),
+            constrain(v, ("batch", "length", "act_kv_heads", "head_dim")))
+
+
+def block_forward(cfg: ModelConfig, w: dict[str, jax.Array], x_bld: jax.Array,
+                  sin_bld: jax.Array, cos_bld: jax.Array, mask_bqk: jax.Array | None) -> jax.Array:
+    """One LLaMA-style block; `w` holds one layer's weights (param dtype), x in compute dtype."""
+    q, k, v = _qkv(cfg, w, x_bld, sin_bld, cos_bld)
+    return _block_rest(cfg, w, x_bld, ATTENTION_IMPLS[cfg.attention_impl](q, k, v, mask_bqk))
+
+
+def _block_rest(cfg: ModelConfig, w: dict[str, jax.Array], x_bld, attn_blnh) -> jax.Array:
+    """The block after attention: output projection, residual, MLP, residual."""
+    cast = lambda name: w[name].astype(x_bld.dtype)
+    h = x_bld + jnp.einsum("blnh,nhd->bld", attn_blnh, cast("attn_out"))
     h = constrain(h, ("batch", "length", "act_embed"))
     normed = rms_norm(h, w["ff_norm"], cfg.rms_norm_eps)
     # Under remat, autodiff keeps the policy's say over what is saved; otherwise the MLP's
@@ -240,6 +253,58 @@ def block_forward(cfg: ModelConfig, w: dict[str, jax.Array], x_bld: jax.Array,
     mlp = swiglu if cfg.remat_policy == "none" else lambda *a: _swiglu_fwd(*a)[0]
     y = h + mlp(normed, cast("ff_proj"), cast("up_proj"), cast("ff_out"))
     return constrain(y, ("batch", "length", "act_embed"))
+
+
+class KVCache(NamedTuple):
+    """Keys and values of a causal model's past tokens, per row (a pytree; see extend()).
+
+    k, v [B, layers, S, K, hd] in compute dtype; row b holds real tokens in slots
+    start_b .. length_b - 1 (left padding before start_b; slots from length_b on are stale or
+    empty, so lowering length_b rolls the row back without touching k, v).
+    """
+    k: jax.Array
+    v: jax.Array
+    start_b: jax.Array   # int32 [B]
+    length_b: jax.Array  # int32 [B]
+
+
+CACHE_AXES = ("batch", "layers", "cache_length", "act_kv_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` slots (compute dtype)."""
+    shape = (batch_size, cfg.n_layers, max_length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES)
+    empty = jnp.zeros((batch_size,), jnp.int32)
+    return KVCache(zeros(), zeros(), empty, empty)
+
+
+def _write_slots(cache_blskh, new_lbkKh, length_b):
+    """cache[b, :, length_b : length_b + k] = new[:, b] for every row: one scatter batched over
+    rows after all layers ran (so the donated cache is updated in place, never copied, and
+    under a mesh each device writes its own rows and heads)."""
+    def one_row(c_lskh, u_lkKh, at):
+        return jax.lax.dynamic_update_slice(c_lskh, u_lkKh.astype(c_lskh.dtype), (0, at, 0, 0))
+    new_blkKh = new_lbkKh.transpose(1, 0, 2, 3, 4)
+    return constrain(jax.vmap(one_row)(cache_blskh, new_blkKh, length_b), CACHE_AXES)
+
+
+def cached_attention(q_bknh, k_bskh, v_bskh, old_bs, k_new_bkKh, v_new_bkKh, new_bqk):
+    """Attention of k new queries over a row's cached keys (visible where old_bs) and the k new
+    keys themselves (where new_bqk: causal, padding hidden), as xla_attention computes it:
+    fp32 scores, one softmax over both, GQA by grouping query heads per KV head."""
+    q, k_old, v_old = _heads_first(q_bknh, k_bskh, v_bskh)
+    k_new, v_new = k_new_bkKh.transpose(0, 2, 1, 3), v_new_bkKh.transpose(0, 2, 1, 3)
+    n_new, low = new_bqk.shape[-1], jnp.finfo(jnp.float32).min
+    scale = jnp.sqrt(jnp.float32(q.shape[-1]))
+    old = jnp.einsum("bkgqh,bksh->bkgqs", q, k_old, preferred_element_type=jnp.float32) / scale
+    new = jnp.einsum("bkgqh,bksh->bkgqs", q, k_new, preferred_element_type=jnp.float32) / scale
+    old = jnp.where(old_bs[:, None, None, None, :], old, low)
+    new = jnp.where(new_bqk[:, None, None], new, low)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_old.dtype)
+    out = (jnp.einsum("bkgqs,bksh->bkgqh", probs[..., :-n_new], v_old)
+           + jnp.einsum("bkgqs,bksh->bkgqh", probs[..., -n_new:], v_new))
+    return _blnh(out)
 
 
 class LLaDAModel(nnx.Module):
@@ -276,18 +341,53 @@ class LLaDAModel(nnx.Module):
         if positions_bl is None:
             positions_bl = (jnp.broadcast_to(jnp.arange(tokens_bl.shape[1]), tokens_bl.shape)
                             if segment_ids_bl is None else positions_from_segments(segment_ids_bl))
-        sin, cos = rope_tables(positions_bl, cfg.head_dim, cfg.rope_theta)
+        sin, cos = rope_tables(positions_bl, cfg)
         mask_fn = splash.segment_mask if cfg.attention_impl == "splash" else visibility_mask
         mask = mask_fn(tokens_bl, segment_ids_bl, attention_mask_bl, cfg.causal)
         x = jnp.take(self.wte[...], tokens_bl, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         x = self._run_layers(x, sin, cos, mask)
         hidden = rms_norm(x, self.ln_f[...], cfg.rms_norm_eps)
-        if return_hidden:
-            return hidden
-        logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head_weight().astype(hidden.dtype),
+        return hidden if return_hidden else self._logits(hidden)
+
+    def _logits(self, hidden_bld: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bld,dv->blv", hidden_bld, self.lm_head_weight().astype(hidden_bld.dtype),
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def extend(self, tokens_bk: jax.Array, cache: KVCache,
+               all_logits: bool = True) -> tuple[jax.Array, KVCache]:
+        """Appends k tokens to every row of a causal model's cache: (logits, new cache).
+
+        Row b's tokens go to slots length_b .. length_b + k - 1 at positions slot - start_b
+        and attend to the row's cached slots start_b .. length_b - 1 and causally to each
+        other; their keys and values are written once all layers ran. logits float32 [B, k, V] (index j: next-token logits after token j), or
+        [B, 1, V] after the last token only (`all_logits=False`, e.g. a prefill).
+        """
+        cfg = self.cfg
+        k = tokens_bk.shape[1]
+        slots_bk = cache.length_b[:, None] + jnp.arange(k, dtype=jnp.int32)
+        sin, cos = rope_tables(slots_bk - cache.start_b[:, None], cfg)
+        keys_s = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+        old_bs = (keys_s[None, :] >= cache.start_b[:, None]) & (keys_s[None, :] < cache.length_b[:, None])
+        new_bqk = (jnp.tril(jnp.ones((k, k), bool))[None]
+                   & (slots_bk >= cache.start_b[:, None])[:, None, :])
+        x = jnp.take(self.wte[...], tokens_bk, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        stacked = {name: self.layers[name][...] for name in BLOCK_AXES}
+
+        def layer(x_bkd, w_and_index):
+            w, i = w_and_index
+            q, k_new, v_new = _qkv(cfg, w, x_bkd, sin, cos)
+            attn = cached_attention(q, cache.k[:, i], cache.v[:, i], old_bs, k_new, v_new, new_bqk)
+            return _block_rest(cfg, w, x_bkd, attn), (k_new, v_new)
+
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.n_layers)))
+        hidden = rms_norm(x if all_logits else x[:, -1:], self.ln_f[...], cfg.rms_norm_eps)
+        cache = KVCache(_write_slots(cache.k, k_new, cache.length_b),
+                        _write_slots(cache.v, v_new, cache.length_b), cache.start_b,
+                        cache.length_b + k)
+        return self._logits(hidden), cache
 
     def _run_layers(self, x_bld, sin_bld, cos_bld, mask_bqk) -> jax.Array:
         cfg = self.cfg

@@ -1,12 +1,12 @@
-"""HF LLaDA safetensors <-> Flax NNX params, streamed one tensor at a time.
+"""HF LLaDA (or LLaMA) safetensors <-> Flax NNX params, streamed one tensor at a time.
 
-One table (`HF_KEY_RULES`; not the sharding `rules`) names every HF tensor and the stacked Flax
-param it belongs to: an HF-key pattern ("{layer}" = block index), the Flax path, and the layout
-transform (torch Linear weights are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]).
-Import checks the whole key set and every shape first and raises one error listing all problems;
-then it fills each stacked param layer by layer on the host, places it on devices (with its
-sharding, given a mesh) and frees the host copy, so the host never holds the model twice. Export
-writes the inverse, shard by shard.
+One table (`HF_KEY_RULES`; not the sharding `rules`) names every HF tensor and the stacked Flax param it belongs to: an HF-key
+pattern ("{layer}" = block index), the Flax path, and the layout transform (torch Linear weights
+are [out, in]; ours are [in..., out...], e.g. q_proj [D, N, hd]); LLAMA_RULES is the same for
+LlamaForCausalLM's names, picked by config.json's model_type. Import checks the whole key set
+and every shape first and raises one error listing all problems; then it fills each stacked param
+layer by layer on the host, places it on devices (with its sharding, given a mesh) and frees the
+host copy, so the host never holds the model twice. Export writes the inverse, shard by shard.
 
     cfg, model = load_hf("path/to/LLaDA-8B-Instruct", dtype="bfloat16")
     logits_blv = model(jnp.asarray([[126080, 42, 126336]]))
@@ -67,6 +67,25 @@ HF_KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule(_P + "ff_out.weight", ("ff_out",), 1),
 )
 
+# LlamaForCausalLM (modeling_llama.py): q/k are stored in the rotate-half layout our RoPE uses,
+# so no permutation; lm_head.weight is absent when tie_word_embeddings is true.
+_L = "model.layers.{layer}."
+LLAMA_RULES: tuple[KeyRule, ...] = (
+    KeyRule("model.embed_tokens.weight", ("wte",), None),
+    KeyRule(_L + "input_layernorm.weight", ("layers", "attn_norm"), None),
+    KeyRule(_L + "self_attn.q_proj.weight", ("layers", "q_proj"), 1),
+    KeyRule(_L + "self_attn.k_proj.weight", ("layers", "k_proj"), 1),
+    KeyRule(_L + "self_attn.v_proj.weight", ("layers", "v_proj"), 1),
+    KeyRule(_L + "self_attn.o_proj.weight", ("layers", "attn_out"), 2),
+    KeyRule(_L + "post_attention_layernorm.weight", ("layers", "ff_norm"), None),
+    KeyRule(_L + "mlp.gate_proj.weight", ("layers", "ff_proj"), 1),
+    KeyRule(_L + "mlp.up_proj.weight", ("layers", "up_proj"), 1),
+    KeyRule(_L + "mlp.down_proj.weight", ("layers", "ff_out"), 1),
+    KeyRule("model.norm.weight", ("ln_f",), None),
+    KeyRule("lm_head.weight", ("ff_out",), 1),
+)
+RULES_BY_MODEL_TYPE = {"llada": HF_KEY_RULES, "llama": LLAMA_RULES}
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -102,7 +121,7 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Entry]:
     """Every HF tensor name the config implies, in HF order, with its Flax destination."""
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
     layout = {}
-    for rule in HF_KEY_RULES:
+    for rule in RULES_BY_MODEL_TYPE[cfg.model_type]:
         node = shapes
         for key in rule.flax_path:
             node = node.get(key) if isinstance(node, dict) else None
@@ -143,11 +162,11 @@ class HFReader:
         return self._handles[self.file_of[name]].get_tensor(name)
 
 
-def _check(reader: HFReader, layout: dict[str, Entry]) -> list[str]:
+def _check(reader: HFReader, layout: dict[str, Entry], model_type: str) -> list[str]:
     problems = [f"missing tensor {name} (expected shape {list(e.hf_shape)})"
                 for name, e in layout.items() if name not in reader.file_of]
-    problems += [f"unexpected tensor {name} in {reader.file_of[name]} (not in the LLaDA layout "
-                 f"for this config.json)" for name in reader.file_of if name not in layout]
+    problems += [f"unexpected tensor {name} in {reader.file_of[name]} (not in the {model_type} "
+                 f"layout for this config.json)" for name in reader.file_of if name not in layout]
     for name in layout.keys() & reader.file_of.keys():
         shape = reader.shape(name)
         if shape != layout[name].hf_shape:
@@ -168,7 +187,7 @@ def _source_dtype(reader: HFReader, names) -> str:
 def load_hf(hf_dir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None,
             rules: sharding_lib.Rules | None = None, dtype: str | None = None,
             compute_dtype: str | None = None, **run_settings) -> tuple[ModelConfig, LLaDAModel]:
-    """An HF LLaDA dir -> (cfg, model). Params keep the file's dtype unless `dtype` is given.
+    """An HF LLaDA or LLaMA dir -> (cfg, model). Params keep the file's dtype unless `dtype` is given.
 
     `mesh` places every param with the sharding its logical axes get under `rules` (default
     sharding.DEFAULT_RULES); `compute_dtype` and `run_settings` (causal, scan_layers,
@@ -179,12 +198,12 @@ def load_hf(hf_dir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None
     hf_dir = pathlib.Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{hf_dir} has no config.json; is it an HF LLaDA model directory?")
+        raise ConversionError(f"{hf_dir} has no config.json; is it an HF LLaDA or LLaMA model directory?")
     cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()), **run_settings)
     with contextlib.ExitStack() as stack:
         reader = HFReader(hf_dir, stack)
         layout = hf_layout(cfg)
-        problems = _check(reader, layout)
+        problems = _check(reader, layout, cfg.model_type)
         if problems:
             shown = problems[:_MAX_LISTED]
             if len(problems) > _MAX_LISTED:
@@ -251,7 +270,7 @@ def parse_size(text: str) -> int:
 def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
             source_hf_dir: str | pathlib.Path | None = None, dtype: str | None = None,
             max_shard_bytes: int = 5 * 10**9) -> list[str]:
-    """Writes an HF LLaDA dir (sharded safetensors + index, config.json); returns the shard names.
+    """Writes an HF LLaDA (or LlamaForCausalLM) dir (sharded safetensors + index, config.json); returns the shard names.
 
     Tensors keep the params' dtype unless `dtype` is given. From `source_hf_dir` every file that is
     not weights or config.json is copied (tokenizer files, remote code *.py, generation config);

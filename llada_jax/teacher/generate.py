@@ -16,8 +16,8 @@ post-processor does). With --chat-template the prompt becomes the tokenizer's ch
 applied to one user message (BOS and headers as text), and that text is the record's `prompt`.
 
 Rows are left-padded to a fixed length per batch (positions start at 0 at each row's first real
-token, padding hidden by the attention mask); every step reruns the jitted model over the whole
-fixed-length buffer, which is cheap at teacher-demo sizes and compiles once per prompt bucket.
+token, padding hidden); the prompts are prefilled into a KV cache once and every new token is
+one cached step (teacher/decode.py), compiled once per prompt-length bucket.
 Output is streamed (JSONL line by line; a JSON array element by element), so memory stays
 bounded by one batch.
 """
@@ -34,12 +34,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llada_jax.checkpoints import load_params
-from llada_jax.errors import GenerateError
+from llada_jax import sharding
+from llada_jax.checkpoints import PARAMS_DIR, load_params
+from llada_jax.errors import GenerateError, UserError
+from llada_jax.model import params
 from llada_jax.model.modeling import LLaDAModel
+from llada_jax.teacher.decode import CachedLM
 
 TOP_K = 5
 PROMPT_BUCKET = 16        # prompt lengths round up to this: few distinct shapes to compile
@@ -119,28 +121,13 @@ def sample_next(logits_bv: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vocab_size", "temperature", "top_p"))
-def decode_step(graphdef, state, tokens_bl, pad_b, column, key, *, vocab_size: int,
-                temperature: float, top_p: float):
-    """One token for every row: the distribution at `column` (the last filled one), its top-k,
-    the chosen id written at column + 1.
-
-    tokens_bl int32 [B, L] left-padded by pad_b [B]; returns (tokens_bl, chosen [B],
-    top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size]).
-    """
-    model = nnx.merge(graphdef, state)
-    cols = jnp.arange(tokens_bl.shape[1])
-    positions_bl = jnp.maximum(cols[None, :] - pad_b[:, None], 0)
-    hidden_bld = model(tokens_bl, positions_bl=positions_bl,
-                       attention_mask_bl=cols[None, :] >= pad_b[:, None], return_hidden=True)
-    hidden_bd = jax.lax.dynamic_index_in_dim(hidden_bld, column, axis=1, keepdims=False)
-    # The model's own LM-head maths, for one column only.
-    logits_bv = jnp.einsum("bd,dv->bv", hidden_bd, model.lm_head_weight().astype(hidden_bd.dtype),
-                           preferred_element_type=jnp.float32)[:, :vocab_size]
-    chosen_b = sample_next(logits_bv, key, temperature, top_p)
+@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p"))
+def pick(logits_bv, key, *, vocab_size: int, temperature: float, top_p: float):
+    """The next token of every row from its logits (embedding padding cut to vocab_size):
+    (chosen [B], top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size])."""
+    logits_bv = logits_bv[:, :vocab_size]
     top_logits, top_ids = jax.lax.top_k(logits_bv, TOP_K)
-    tokens_bl = jax.lax.dynamic_update_slice_in_dim(tokens_bl, chosen_b[:, None], column + 1, axis=1)
-    return tokens_bl, chosen_b, top_ids, top_logits, logits_bv
+    return sample_next(logits_bv, key, temperature, top_p), top_ids, top_logits, logits_bv
 
 
 @dataclasses.dataclass
@@ -152,25 +139,28 @@ class _Row:
 
 def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling: Sampling,
                    stop_ids: set[int], pad_id: int, vocab_size: int, key: jax.Array,
-                   batch_size: int, full_logits: bool) -> list[_Row]:
-    """Continues each prompt (<= batch_size of them) until a stop id or max_new_tokens."""
+                   batch_size: int, full_logits: bool,
+                   mesh: jax.sharding.Mesh | None = None) -> list[_Row]:
+    """Continues each prompt (<= batch_size of them) until a stop id or max_new_tokens:
+    one prefill of the left-padded prompts, then one cached step per token (decode.py)."""
     width = -(-max(map(len, ids_per_prompt)) // PROMPT_BUCKET) * PROMPT_BUCKET
-    length = width + sampling.max_new_tokens
-    tokens = np.full((batch_size, length), pad_id, np.int32)
+    tokens = np.full((batch_size, width), pad_id, np.int32)
     pads = np.zeros(batch_size, np.int32)
     for r in range(batch_size):  # unused rows repeat the first prompt: one shape per bucket
         ids = ids_per_prompt[r] if r < len(ids_per_prompt) else ids_per_prompt[0]
         pads[r] = width - len(ids)
-        tokens[r, pads[r]:width] = ids
-    graphdef, state = nnx.split(model)
+        tokens[r, pads[r]:] = ids
+    lm = CachedLM(model, batch_size, width + sampling.max_new_tokens, mesh)
     rows = [_Row() for _ in ids_per_prompt]
-    tokens_bl = jnp.asarray(tokens)
+    logits_bv = lm.prefill(tokens, pads)
     for step in range(sampling.max_new_tokens):
         key, sub = jax.random.split(key)
-        tokens_bl, chosen, top_ids, top_logits, logits = decode_step(
-                graphdef, state, tokens_bl, jnp.asarray(pads), width - 1 + step, sub,
-                vocab_size=vocab_size, temperature=sampling.temperature, top_p=sampling.top_p)
-        chosen, top_ids, top_logits = map(np.asarray, (chosen, top_ids, top_logits))
+        chosen_b, top_ids, top_logits, logits = pick(
+                logits_bv, sub, vocab_size=vocab_size, temperature=sampling.temperature,
+                top_p=sampling.top_p)
+        if step + 1 < sampling.max_new_tokens:  # dispatched before this step's results are read
+            logits_bv = lm.extend(chosen_b[:, None])[:, 0]
+        chosen, top_ids, top_logits = map(np.asarray, (chosen_b, top_ids, top_logits))
         logits = np.asarray(logits) if full_logits else None
         for r, row in enumerate(rows):
             if row.done:
@@ -220,9 +210,19 @@ def to_record(prompt: str, row: _Row, tokenizer: PreTrainedTokenizerBase,
 
 
 def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
-                     sampling: Sampling = Sampling(), *, batch_size: int = 8,
-                     full_logits: bool = False, chat_template: bool = False) -> Iterator[dict]:
-    """Seed-format records, one per prompt, in prompt order, produced batch by batch."""
+                     sampling: Sampling = Sampling(), **options) -> Iterator[dict]:
+    """Seed-format records, one per prompt, in prompt order (options: see generate_rows)."""
+    token_text = _TokenText(tokenizer)
+    for text, row in generate_rows(model, tokenizer, prompts, sampling, **options):
+        yield to_record(text, row, tokenizer, token_text)
+
+
+def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+                  sampling: Sampling = Sampling(), *, batch_size: int = 8,
+                  full_logits: bool = False, chat_template: bool = False,
+                  mesh: jax.sharding.Mesh | None = None) -> Iterator[tuple[str, _Row]]:
+    """(prompt text, generated row) per prompt, in prompt order, produced batch by batch (rows
+    of a batch over the mesh's data axes, heads over `tensor`, when `mesh` is given)."""
     cfg = model.cfg
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
@@ -230,18 +230,18 @@ def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
     if len(tokenizer) > cfg.vocab_size:
         raise GenerateError(f"the tokenizer has {len(tokenizer)} ids but the teacher's vocab_size "
                             f"is {cfg.vocab_size}: is --tokenizer the teacher's tokenizer?")
-    stop_ids = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
+    model_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    stop_ids = {i for i in (tokenizer.eos_token_id, *model_eos) if i is not None}
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
-    token_text = _TokenText(tokenizer)
     key = jax.random.key(sampling.seed)
     batch: list[tuple[str, list[int]]] = []
 
-    def flush() -> Iterator[dict]:
+    def flush() -> Iterator[tuple[str, _Row]]:
         nonlocal key
         key, sub = jax.random.split(key)
         rows = generate_batch(model, [ids for _, ids in batch], sampling, stop_ids, pad_id,
-                              cfg.vocab_size, sub, batch_size, full_logits)
-        yield from (to_record(text, row, tokenizer, token_text) for (text, _), row in zip(batch, rows))
+                              cfg.vocab_size, sub, batch_size, full_logits, mesh)
+        yield from ((text, row) for (text, _), row in zip(batch, rows))
         batch.clear()
 
     for index, prompt in enumerate(prompts):
@@ -279,33 +279,72 @@ def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
     return count
 
 
-def load_teacher(ckpt: str | pathlib.Path,
-                 tokenizer_dir: str | pathlib.Path) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
-    """A params checkpoint in float32 (params and compute) and its tokenizer directory."""
+def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path | None = None,
+                 dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+                 ) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
+    """The teacher (params and compute in `dtype`, sharded over `mesh`) and its tokenizer.
+
+    `teacher` is a params checkpoint (import-hf / train) or an HF model directory (LLaMA:
+    config.json + safetensors, read tensor by tensor as import-hf does); the tokenizer defaults
+    to the HF directory's own.
+    """
+    teacher = pathlib.Path(teacher)
+    tokenizer_dir = tokenizer_dir or teacher
+    hf_dir = not (teacher / PARAMS_DIR).is_dir() and (teacher / "config.json").is_file()
+    if tokenizer_dir == teacher and not hf_dir:
+        raise GenerateError(f"--tokenizer is needed: {teacher} is a params checkpoint, which "
+                            f"holds no tokenizer")
+    try:
+        if hf_dir:
+            _, model = params.load_hf(teacher, mesh=mesh, dtype=dtype, compute_dtype=dtype)
+        else:
+            _, model = load_params(teacher, mesh=mesh, dtype=dtype, compute_dtype=dtype)
+    except UserError as e:
+        raise GenerateError(f"--teacher {teacher}: {e}") from e
     if not pathlib.Path(tokenizer_dir, "tokenizer_config.json").is_file():
         raise GenerateError(f"--tokenizer {tokenizer_dir} is not an HF tokenizer directory (no "
                             f"tokenizer_config.json); pass the teacher's local tokenizer dir")
-    _, model = load_params(ckpt, dtype="float32", compute_dtype="float32")
     return model, AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
 
 
-def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path,
+def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path | None,
                      prompts: Sequence[str | pathlib.Path], out: str | pathlib.Path,
-                     sampling: Sampling = Sampling(), **options) -> int:
+                     sampling: Sampling = Sampling(), *, dtype: str = "float32",
+                     mesh: jax.sharding.Mesh | None = None, **options) -> int:
     """The subcommand as a function (the demo calls it); `options` go to generate_records."""
     _checked_out_path(out)
-    model, tok = load_teacher(teacher, tokenizer)
-    return write_records(generate_records(model, tok, read_prompts(prompts), sampling, **options), out)
+    model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
+    return write_records(generate_records(model, tok, read_prompts(prompts), sampling, mesh=mesh,
+                                          **options), out)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="causal params checkpoint directory")
-    parser.add_argument("--tokenizer", required=True, help="teacher tokenizer directory (HF)")
+    parser.add_argument("--teacher", required=True,
+                        help="causal params checkpoint, or an HF LLaMA dir (config.json + safetensors)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="teacher tokenizer directory (HF; default: the --teacher HF dir)")
+    parser.add_argument("--dtype", choices=sorted(params.DTYPES), default="float32",
+                        help="params and compute dtype (bfloat16 for a large teacher)")
+    parser.add_argument("--mesh", default=None,
+                        help="device mesh, e.g. tensor=8 (rows over data, heads over tensor)")
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
-    parser.add_argument("--out", required=True, help="output .jsonl or .json (seed format)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output .jsonl or .json (seed format)")
+    out.add_argument("--records", metavar="DATA_DIR",
+                     help="write the training dataset (as preprocess does) instead of JSON")
+    parser.add_argument("--student-tokenizer", help="--records: the student tokenizer (as preprocess)")
+    parser.add_argument("--top-k", type=int, default=64, help="--records: teacher log-probs kept")
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="--records: max student tokens per example")
+    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--overwrite", action="store_true", help="--records: rebuild DATA_DIR")
+    parser.add_argument("--coordinator-address", default=None,
+                        help="multi-process runs off TPU: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample")
@@ -326,11 +365,17 @@ def run(args: argparse.Namespace) -> int:
         problems.append("need --temperature >= 0 and 0 < --top-p <= 1")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         problems.append("need --max-new-tokens >= 1 and --batch-size >= 1")
+    if args.records and not args.student_tokenizer:
+        problems.append("--records needs --student-tokenizer (the tokenizer the dataset is for)")
     if problems:
         raise GenerateError("; ".join(problems))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
+    if args.records:
+        from llada_jax.teacher import to_records  # it builds on this module
+        return to_records.run(args, sampling, mesh)
     count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
-                             batch_size=args.batch_size, full_logits=args.full_logits,
-                             chat_template=args.chat_template)
+                             dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
+                             full_logits=args.full_logits, chat_template=args.chat_template)
     print(f"generate-teacher: wrote {count} records to {args.out}")
     return 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 from jax.experimental import topologies
 
 from data_pipeline import batch as batch_lib
@@ -28,7 +29,10 @@ from llada_jax import sharding
 from llada_jax.train import config as train_config
 
 from llada_jax.train import train_step
+from llada_jax.model import params
 from llada_jax.model.config import ModelConfig
+from llada_jax.model.modeling import CACHE_AXES, init_cache
+from llada_jax.teacher import decode
 
 GIB = 1024 ** 3
 # Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes
@@ -130,6 +134,30 @@ def compile_train_step(config: ml_collections.ConfigDict, target: str, *, vocab_
     devices = topology_devices(target)
     model_cfg = train_config.random_init_model_config(config, vocab_size, mask_token_id)
     lowered, mesh = lower_train_step(config, model_cfg, devices, top_k=top_k)
+    return _compile_report(lowered, target, mesh)
+
+
+def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[str, int], *,
+                        batch_size: int, max_length: int, tokens_per_step: int = 1,
+                        rules: sharding.Rules = sharding.DEFAULT_RULES) -> CompileReport:
+    """Compiles one KV-cached teacher step (teacher/decode.py: `tokens_per_step` tokens per row
+    appended to a donated [batch_size, max_length] cache) for TARGETS[target]."""
+    mesh = sharding.make_mesh(mesh_sizes, topology_devices(target))
+    graphdef, state = nnx.split(params.abstract_model(model_cfg))
+    nnx.replace_by_pure_dict(state, with_shardings(nnx.to_pure_dict(state), nnx.to_pure_dict(
+            sharding.param_shardings(state, mesh, rules))))
+    tokens = jax.ShapeDtypeStruct((batch_size, tokens_per_step), jnp.int32)
+    with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
+        cache = jax.eval_shape(lambda: init_cache(model_cfg, batch_size, max_length))
+        cache_spec = sharding.spec_for(cache.k.shape, CACHE_AXES, mesh, rules, strict=False)
+        row_spec = sharding.spec_for((batch_size,), ("batch",), mesh, rules, strict=False)
+        cache = with_shardings(cache, type(cache)(*(jax.NamedSharding(mesh, s) for s in
+                                                    (cache_spec, cache_spec, row_spec, row_spec))))
+        lowered = decode.extend_step.lower(graphdef, state, cache, tokens, all_logits=True)
+    return _compile_report(lowered, target, mesh)
+
+
+def _compile_report(lowered: jax.stages.Lowered, target: str, mesh) -> CompileReport:
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:

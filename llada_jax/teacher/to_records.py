@@ -1,0 +1,117 @@
+"""`generate-teacher --records DATA_DIR`: the training dataset straight from the teacher, no JSON.
+
+    llada-jax generate-teacher --teacher LLAMA_DIR --prompts p.txt --records DATA_DIR \\
+        --student-tokenizer LLADA_TOK --top-k 64 [--max-length 4096]
+
+Each generated row becomes the seed-format record in memory (validate.TeacherRecord: the same
+chosen tokens and top-5 the JSON route writes, and the full float32 logits, not rounded to
+text) and goes through data_pipeline's own Converter (vocabulary map, character-offset
+alignment to the student tokenizer, top-k + exact tail mass over the teacher's full
+vocabulary) and dataset writer (preprocess.write_dataset: same TFDS layout, splits, report.json
+and skipped.jsonl). So the dataset equals `generate-teacher --full-logits` then `preprocess`
+with the same options, up to the JSON route's rounding of logits to 5 decimals.
+
+Multi-host (jax.process_count() > 1): process p generates prompts p, p + P, p + 2P, ...; after
+each round of one batch per process the converted records are gathered (allgather over JAX's
+collectives) and process 0 writes them, in prompt order, once. DATA_DIR is read by every
+process (shared storage such as GCS on a pod) to decide whether a finished dataset is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import sys
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from transformers import PreTrainedTokenizerBase
+
+from data_pipeline import preprocess, records
+from data_pipeline.convert import Converter, Options, Result
+from data_pipeline.validate import Entry, TeacherRecord
+from llada_jax.model.modeling import LLaDAModel
+from llada_jax.teacher import generate as gen
+from llada_jax.train.trainer import maybe_initialize_distributed
+
+SOURCE = "generate-teacher"  # the `file` of each record in the report
+
+
+def teacher_record(prompt: str, row: gen._Row, tokenizer: PreTrainedTokenizerBase,
+                   token_text: gen._TokenText, converter: Converter) -> TeacherRecord:
+    """The seed-format record of one generated row, its full logits reduced by the converter."""
+    entries = [Entry(chosen_token=token_text(token_id), chosen_id=token_id,
+                     top5_tokens=[token_text(int(i)) for i in top_ids],
+                     top5_ids=np.asarray(top_ids, np.int64),
+                     top5_logits=np.asarray(top_logits, np.float64),
+                     full=converter.reduce_full(np.asarray(full, np.float32)))
+               for token_id, (top_ids, top_logits, full) in zip(row.ids, row.entries)]
+    response = tokenizer.decode(row.ids, skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+    return TeacherRecord(prompt, response, entries)
+
+
+def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
+                          prompts: Sequence[str], out: str, opts: Options,
+                          sampling: gen.Sampling = gen.Sampling(), *, batch_size: int = 8,
+                          overwrite: bool = False, **options) -> dict | None:
+    """Generates for `prompts` (all of them: each process takes its share) and writes the
+    dataset under `out`; the report dict on process 0, None on the others. `options`:
+    generate_rows's (chat_template, mesh)."""
+    converter = preprocess._checked_converter(opts)
+    count, rank = jax.process_count(), jax.process_index()
+    finished = os.path.isdir(os.path.join(out, records.NAME, records.VERSION)) and not overwrite
+    rows = gen.generate_rows(model, tokenizer, list(prompts)[rank::count], sampling,
+                             batch_size=batch_size, full_logits=True, **options)
+    rounds = 0 if finished else math.ceil(math.ceil(len(prompts) / count) / batch_size)
+    token_text = gen._TokenText(tokenizer)
+
+    def results() -> Iterator[Result]:
+        for round_no in range(rounds):  # every process the same number of rounds
+            local = [converter.convert_parsed(
+                         SOURCE, rank + count * (round_no * batch_size + j),
+                         teacher_record(text, row, tokenizer, token_text, converter))
+                     for j, (text, row) in zip(range(batch_size), rows)]
+            yield from sorted(_allgather(local) if count > 1 else local, key=lambda r: r.index)
+
+    if rank == 0:
+        return preprocess.write_dataset(results, out, opts, converter, inputs=[SOURCE],
+                                        input_bytes=0, overwrite=overwrite)
+    for _ in results():
+        pass
+    return None
+
+
+def _allgather(local: list[Result]) -> list[Result]:
+    """Every process's results, on every process (pickled bytes over JAX's collectives)."""
+    payload = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded)
+    return [r for p, size in enumerate(sizes) for r in pickle.loads(gathered[p, :size].tobytes())]
+
+
+def run(args, sampling: gen.Sampling, mesh) -> int:
+    """generate-teacher --records (the parsed CLI arguments of generate.add_arguments)."""
+    maybe_initialize_distributed(args)
+    model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
+    teacher_tokenizer = args.tokenizer or args.teacher
+    opts = Options(args.student_tokenizer, str(teacher_tokenizer), args.max_length, args.top_k,
+                   model.cfg.vocab_size, validation_fraction=args.validation_fraction)
+    try:
+        report = write_teacher_dataset(
+                model, tokenizer, list(gen.read_prompts(args.prompts)), args.records, opts, sampling,
+                batch_size=args.batch_size, overwrite=args.overwrite,
+                chat_template=args.chat_template, mesh=mesh)
+    except ValueError as e:  # the data pipeline's own errors (tokenizers, options, reuse)
+        print(f"generate-teacher: {e}", file=sys.stderr)
+        return 2
+    if report is not None:
+        print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
+                                                 "bytes_per_response_token") if k in report}, indent=2))
+    return 0

@@ -28,7 +28,13 @@ from flax import nnx
 
 from llada_jax.eval import rejection
 
-LENGTH_BUCKET = 32  # drafter inputs are padded to a multiple of this: few shapes to compile
+# Inputs are padded to a multiple of LENGTH_BUCKET and the rows read out to a multiple of
+# WIDTH_BUCKET (drafter and verifier alike): few shapes to compile.
+LENGTH_BUCKET, WIDTH_BUCKET = 32, 8
+
+
+def bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
 
 
 @dataclasses.dataclass
@@ -43,7 +49,7 @@ class Draft:
 @functools.partial(jax.jit, static_argnames=("graphdef", "width", "vocab_size"))
 def block_logits(graphdef, state, tokens_bl, n_real, start, *, width: int, vocab_size: int):
     """float32 [width, vocab_size]: logits at positions start..start+width-1 of row 0 (keys
-    beyond n_real are padding)."""
+    beyond n_real are padding; rows past the end of tokens_bl repeat the last one)."""
     model = nnx.merge(graphdef, state)
     cols = jnp.arange(tokens_bl.shape[1])
     hidden_bld = model(tokens_bl, attention_mask_bl=(cols < n_real)[None, :], return_hidden=True)
@@ -86,7 +92,8 @@ class Drafter:
     def draft(self, context: list[int], rng: np.random.Generator) -> Draft:
         width = self.gamma + self.trailing
         n_real = len(context) + width
-        length = -(-n_real // LENGTH_BUCKET) * LENGTH_BUCKET
+        rows = bucket(self.gamma, WIDTH_BUCKET)
+        length = bucket(max(n_real, len(context) + rows), LENGTH_BUCKET)
         tokens = np.full(length, self.cfg.mask_token_id, np.int32)
         tokens[:len(context)] = context
         ids = [-1] * self.gamma
@@ -94,7 +101,7 @@ class Drafter:
         committed_at = [0] * self.gamma
         for step, count in enumerate(transfer_schedule(self.gamma, self.steps)):
             logits = np.asarray(block_logits(self.graphdef, self.state, jnp.asarray(tokens[None]),
-                                             n_real, len(context), width=width,
+                                             n_real, len(context), width=rows,
                                              vocab_size=self.cfg.vocab_size))
             self.forward_passes += 1
             probs = self._distributions(logits[:self.gamma])

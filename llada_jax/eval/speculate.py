@@ -29,10 +29,8 @@ import numpy as np
 from flax import nnx
 
 from llada_jax.eval import rejection
-from llada_jax.eval.draft import LENGTH_BUCKET, Drafter, block_logits
+from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, Drafter, block_logits, bucket
 from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
-
-WIDTH_BUCKET = 8  # verifier output rows are padded to a multiple of this
 
 
 class SpeculateError(ValueError):
@@ -54,8 +52,8 @@ class RecomputeVerifier:
         """float32 [len(draft) + 1, V]: row j is the teacher's next-token logits before draft[j]
         (the last row: after the whole draft)."""
         ids = context + draft
-        width = -(-(len(draft) + 1) // WIDTH_BUCKET) * WIDTH_BUCKET
-        length = -(-(len(context) - 1 + width) // LENGTH_BUCKET) * LENGTH_BUCKET
+        width = bucket(len(draft) + 1, WIDTH_BUCKET)
+        length = bucket(len(context) - 1 + width, LENGTH_BUCKET)
         tokens = np.zeros(length, np.int32)
         tokens[:len(ids)] = ids
         self.calls += 1
@@ -112,9 +110,10 @@ def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridg
 
 
 def block_stats(blocks: list[tuple[int, int]]) -> dict:
-    """Accepted length per block and acceptance rate at each offset of the drafted block."""
+    """Accepted length per block, and the acceptance rate at each offset j of the drafted block
+    among the blocks that reached it (drafted > j tokens and accepted the first j)."""
     longest = max((n for n, _ in blocks), default=0)
-    tried = [sum(n > j for n, _ in blocks) for j in range(longest)]
+    tried = [sum(n > j and a >= j for n, a in blocks) for j in range(longest)]
     took = [sum(a > j for _, a in blocks) for j in range(longest)]
     return {"accepted_per_block": [a for _, a in blocks],
             "mean_accepted_per_block": float(np.mean([a for _, a in blocks])) if blocks else 0.0,

@@ -194,6 +194,22 @@ def write_tensorboard(results: dict, logdir: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI / loading
 
+def prompts_from_records(data_dir: str, split: str, student_tokenizer: str,
+                         limit: int | None = None) -> list[str]:
+    """The prompt texts of a preprocessed split (its records' prompt tokens, decoded): held-out
+    prompts for measuring a drafter on the examples `eval` scores."""
+    from data_pipeline import alignment, records
+
+    vocab = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(student_tokenizer))
+    source = records.open_split(data_dir, split)
+    out = []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        ex = source[i]
+        raw = b"".join(vocab.id_bytes[t] or b"" for t in ex["tokens"][:int(ex["prompt_length"])])
+        out.append(raw.decode("utf-8", errors="replace"))
+    return out
+
+
 def load_lm(path: str):
     """A model in float32 from a params checkpoint, a train workdir or an HF directory."""
     from llada_jax.checkpoints import load_params
@@ -219,8 +235,8 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
     """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
-    teacher = teacher_model or load_lm(teacher_path)
-    student = drafter_model or load_lm(drafter_path)
+    teacher = load_lm(teacher_path) if teacher_model is None else teacher_model
+    student = load_lm(drafter_path) if drafter_model is None else drafter_model
     bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
                          _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
                          strategy, student_vocab_size=student.cfg.vocab_size,
@@ -232,6 +248,32 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                       trailing_masks=trailing_masks, temperature=draft_temperature)
     return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding,
                        teacher.cfg.eos_token_id, seed)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """`eval --teacher`: the measured tokens per target call beside the α-predicted E(γ)."""
+    group = parser.add_argument_group("measured speculative decoding (optional)")
+    group.add_argument("--teacher", default=None, help="causal teacher checkpoint: also measure")
+    group.add_argument("--teacher-tokenizer", default=None, help="default: the --teacher dir")
+    group.add_argument("--drafter-tokenizer", default=None, help="default: the --ckpt dir")
+    group.add_argument("--speculate-prompts", type=int, default=32,
+                       help="held-out prompts (from the split's records) to decode")
+    group.add_argument("--speculate-new-tokens", type=int, default=32)
+
+
+def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) -> None:
+    """Adds E_measured_greedy / E_measured_sampled (T = 1, TLI) to each results['gamma=G']."""
+    drafter_tokenizer = _tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
+    prompts = prompts_from_records(args.data, args.split, drafter_tokenizer, args.speculate_prompts)
+    teacher = load_lm(args.teacher)
+    for gamma in args.gamma:
+        for name, greedy in (("greedy", True), ("sampled", False)):
+            summary = speculate(args.ckpt, args.teacher, prompts, gamma=gamma,
+                                decoding=Decoding(args.speculate_new_tokens, greedy=greedy),
+                                drafter_tokenizer=drafter_tokenizer,
+                                teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
+                                drafter_model=drafter_model, teacher_model=teacher)["summary"]
+            results[f"gamma={gamma}"][f"E_measured_{name}"] = summary["tokens_per_target_call"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -121,9 +121,8 @@ def block_stats(blocks: list[tuple[int, int]]) -> dict:
 
 
 def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBridge,
-                decoding: Decoding, teacher_eos_id: int | None, seed: int = 0) -> dict:
+                decoding: Decoding, stop_ids: set[int], seed: int = 0) -> dict:
     """Speculative and teacher-only decoding of every prompt; per-prompt and total measures."""
-    stop_ids = bridge.stop_ids(teacher_eos_id)
     # Untimed warm-up on the first prompt: the timings below leave compilation out.
     speculate_prompt(prompts[0], drafter, verifier, bridge, decoding, stop_ids,
                      np.random.default_rng(seed))
@@ -220,6 +219,12 @@ def load_lm(path: str):
     return load_model(path)[1]
 
 
+def _generation_eos(model_dir: str | None):
+    """generation_config.json's eos_token_id (what transformers' generate stops at), if any."""
+    path = pathlib.Path(model_dir or "") / "generation_config.json"
+    return json.loads(path.read_text()).get("eos_token_id") if model_dir and path.is_file() else None
+
+
 def _tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
     path = pathlib.Path(given or model_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
@@ -246,8 +251,9 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
         draft_temperature = 0.0 if decoding.greedy else decoding.temperature
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,
                       trailing_masks=trailing_masks, temperature=draft_temperature)
-    return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding,
-                       teacher.cfg.eos_token_id, seed)
+    stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
+    return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding, stop_ids,
+                       seed)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,8 +50,13 @@ class VocabBridge:
     def intersection_size(self) -> int:
         return int((self.to_teacher >= 0).sum())
 
-    def stop_ids(self, teacher_eos_id: int | None) -> set[int]:
-        return {i for i in (self.teacher_hf.eos_token_id, teacher_eos_id) if i is not None}
+    def stop_ids(self, *teacher_eos: int | list[int] | None) -> set[int]:
+        """The tokenizer's EOS and every id given (config / generation_config eos: an id or a
+        list of ids, as Llama-3 Instruct's generation_config has)."""
+        ids = set()
+        for eos in (self.teacher_hf.eos_token_id, *teacher_eos):
+            ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        return ids
 
     def teacher_prompt(self, prompt: str) -> list[int]:
         """What the teacher sees (its tokenizer's own specials, e.g. BOS), as generate-teacher."""

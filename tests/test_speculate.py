@@ -148,6 +148,7 @@ def test_sampled_first_token_follows_the_teacher_law(teacher, strategy, gamma, s
     assert _binned_pvalue(counts, q) < 1e-6  # power: the drafter's own law is rejected
 
 
+@pytest.mark.slow
 def test_cli_writes_results(tmp_path):
     out = tmp_path / "results.json"
     prompts = tmp_path / "prompts.txt"

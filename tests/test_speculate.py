@@ -166,3 +166,10 @@ def test_cli_writes_results(tmp_path):
     assert list((tmp_path / "tb").iterdir())
     bad = subprocess.run(cmd[:-4] + ["--steps", "9"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+def test_overlong_prompt_is_a_clear_error(teacher):
+    with pytest.raises(sp.SpeculateError, match="prompt 1 has .* max_sequence_length 256"):
+        sp.speculate(None, None, ["In the", "And " * 300], decoding=sp.Decoding(8),
+                     drafter_model=_trained_student(), teacher_model=teacher,
+                     drafter_tokenizer=STUDENT_TOK, teacher_tokenizer=TEACHER_TOK)

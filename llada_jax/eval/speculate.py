@@ -219,6 +219,18 @@ def load_lm(path: str):
     return load_model(path)[1]
 
 
+def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_length: int) -> None:
+    for index, prompt in enumerate(prompts):
+        n = len(bridge.teacher_prompt(prompt))
+        if n == 0:
+            raise SpeculateError(f"prompt {index} is empty for the teacher tokenizer (no BOS "
+                                 f"either): give it some text")
+        if n + max_new > max_length:
+            raise SpeculateError(f"prompt {index} has {n} teacher tokens; with --max-new-tokens "
+                                 f"{max_new} that passes the teacher's max_sequence_length "
+                                 f"{max_length}: shorten it")
+
+
 def _generation_eos(model_dir: str | None):
     """generation_config.json's eos_token_id (what transformers' generate stops at), if any."""
     path = pathlib.Path(model_dir or "") / "generation_config.json"
@@ -251,6 +263,7 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
         draft_temperature = 0.0 if decoding.greedy else decoding.temperature
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,
                       trailing_masks=trailing_masks, temperature=draft_temperature)
+    _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
     return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding, stop_ids,
                        seed)

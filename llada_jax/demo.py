@@ -153,7 +153,7 @@ def align_student(config, workdir: pathlib.Path) -> dict:
         return measure_speculative(model, teacher, prompts)
 
     t = time.perf_counter()
-    teacher = load_lm(str(ASSETS / "teacher"))
+    teacher = load_lm(str(ASSETS / "teacher"), "float32")
     prompts = prompts_from_records(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
                                    SPEC_PROMPTS)
     before = held_out(trainer.initial_state()) | measured(trainer.initial_state())

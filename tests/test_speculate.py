@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+import torch
 from scipy import stats
+from test_decode import llama_teacher  # noqa: F401  (fixture: an HF LLaMA dir + its tokenizer)
+from transformers import LlamaForCausalLM
 
 from llada_jax.demo import ASSETS
 from llada_jax.eval import rejection, speculate as sp
@@ -173,3 +176,27 @@ def test_overlong_prompt_is_a_clear_error(teacher):
         sp.speculate(None, None, ["In the", "And " * 300], decoding=sp.Decoding(8),
                      drafter_model=_trained_student(), teacher_model=teacher,
                      drafter_tokenizer=STUDENT_TOK, teacher_tokenizer=TEACHER_TOK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,kind", [("tli", "trained"), ("string", "random")])
+def test_hf_llama_teacher_greedy_equals_transformers_generate(llama_teacher, teacher, strategy,
+                                                              kind):
+    """An HF LlamaForCausalLM teacher (its own tokenizer) and a LLaDA drafter with the demo
+    student's tokenizer: the output is transformers' own greedy generate, token for token."""
+    hf_dir, tok = llama_teacher
+    prompts, new = ["the cat sat", "a quick brown fox jumps over", "dog"], 20
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    want = []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=new, eos_token_id=2, pad_token_id=1)
+        want.append(out[0, ids.shape[1]:].tolist())
+    llama = sp.load_lm(str(hf_dir), "float32")
+    for gamma in (1, 4, 8):
+        results = sp.speculate(None, str(hf_dir), prompts, gamma=gamma, strategy=strategy,
+                               decoding=sp.Decoding(new), drafter_tokenizer=STUDENT_TOK,
+                               drafter_model=_drafter_model(kind, teacher), teacher_model=llama)
+        assert [row["ids"] for row in results["per_prompt"]] == want

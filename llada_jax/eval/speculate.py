@@ -10,9 +10,9 @@ prefix plus one teacher token (`rejection`). The output is the teacher's own law
 own greedy text, token for token). Each prompt is also decoded by the teacher alone, in the same
 run with the same verifier, for the wall-clock comparison (and, greedy, an equality check).
 
-The verifier here recomputes the teacher over the whole sequence at every call (correct and
-simple); anything with `score(context, draft) -> logits [len(draft) + 1, V]` and a `calls`
-counter can replace it (a KV-cached teacher).
+The teacher verifies with a KV cache (`CachedVerifier`: appends what is new, rolls rejected
+draft tokens back), or `--verifier recompute` reruns it over the whole sequence at every call;
+both are `score(context, draft) -> logits [len(draft) + 1, V]` with a `calls` counter.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from flax import nnx
 
 from llada_jax.eval import rejection
 from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, Drafter, block_logits, bucket
+from llada_jax.teacher.generate import PROMPT_BUCKET
 from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
 
 
@@ -60,6 +61,57 @@ class RecomputeVerifier:
         logits = block_logits(self.graphdef, self.state, jnp.asarray(tokens[None]), len(ids),
                               len(context) - 1, width=width, vocab_size=self.vocab_size)
         return np.asarray(logits)[:len(draft) + 1]
+
+
+class CachedVerifier:
+    """The causal teacher with a KV cache (`teacher.decode.CachedLM`, one row): a call appends
+    only what is new since the last one (the teacher's own token, then the draft) and rolls
+    back the draft tokens that were rejected; a context that does not continue the cached one
+    (a new prompt) is prefilled afresh.
+
+    The logits after each token of the last call are kept, so after a rollback to c tokens the
+    distribution after them is known without a call. Prompts are left-padded to `prompt_width`
+    (one prefill compile) and extends to a multiple of WIDTH_BUCKET (one extend compile); the
+    cache holds prompt_width + max_new_tokens + that padding (a draft never goes past the last
+    new token).
+    """
+
+    def __init__(self, model, prompt_width: int, max_new_tokens: int):
+        from llada_jax.teacher.decode import CachedLM
+
+        self.prompt_width = prompt_width
+        self.lm = CachedLM(model, batch_size=1,
+                           max_length=prompt_width + max_new_tokens + WIDTH_BUCKET + PROMPT_BUCKET)
+        self.cached: list[int] = []
+        self.rows_start, self.rows = 0, np.zeros((0, model.cfg.vocab_size), np.float32)
+        self.vocab_size = model.cfg.vocab_size
+        self.calls = 0
+
+    def score(self, context: list[int], draft: list[int]) -> np.ndarray:
+        """As RecomputeVerifier.score."""
+        self.calls += 1
+        common = next((i for i, (a, b) in enumerate(zip(self.cached, context)) if a != b),
+                      min(len(self.cached), len(context)))
+        if not self.rows_start <= common < self.rows_start + len(self.rows) or common == 0:
+            width = max(self.prompt_width, bucket(len(context), PROMPT_BUCKET))
+            tokens = np.zeros((1, width), np.int32)
+            tokens[0, width - len(context):] = context
+            first = np.asarray(self.lm.prefill(tokens, [width - len(context)]))
+            common, suffix = len(context), []
+        else:
+            if common < len(self.cached):
+                self.lm.rollback([common])
+            first, suffix = self.rows[common - self.rows_start][None], context[common:]
+        new = suffix + draft
+        if new:  # padded to a bucket (one compile for every draft length), padding rolled back
+            tokens = np.zeros((1, bucket(len(new), WIDTH_BUCKET)), np.int32)
+            tokens[0, :len(new)] = new
+            logits = np.asarray(self.lm.extend(tokens))[0, :len(new)]
+            self.lm.rollback([len(context) + len(draft)])
+            first = np.concatenate([first, logits])
+        self.cached, self.rows_start, self.rows = context + draft, common, first
+        return first[len(suffix):]
+        return rows[len(suffix):]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +303,7 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
               seed: int = 0, drafter_model=None, teacher_model=None,
-              teacher_dtype: str = "float32") -> dict:
+              verifier: str = "cached", teacher_dtype: str = "float32") -> dict:
     """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
@@ -268,8 +320,10 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                       trailing_masks=trailing_masks, temperature=draft_temperature)
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
-    return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding, stop_ids,
-                       seed)
+    longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
+    target = (CachedVerifier(teacher, bucket(longest, PROMPT_BUCKET), decoding.max_new_tokens)
+              if verifier == "cached" else RecomputeVerifier(teacher))
+    return run_prompts(prompts, drafter, target, bridge, decoding, stop_ids, seed)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trailing-masks", type=int, default=4,
                         help="masks after the block (never filled): text goes on")
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
+    parser.add_argument("--verifier", choices=("cached", "recompute"), default="cached",
+                        help="teacher with a KV cache, or rerun over the whole sequence per call")
     parser.add_argument("--greedy", action="store_true", help="greedy teacher (the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample the teacher")
     parser.add_argument("--draft-temperature", type=float, default=None,
@@ -353,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
                             draft_temperature=args.draft_temperature,
                             drafter_tokenizer=args.drafter_tokenizer,
                             teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
-                            teacher_dtype=args.teacher_dtype)
+                            teacher_dtype=args.teacher_dtype,
+                            verifier=args.verifier)
     except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
         print(f"speculate: {err}", file=sys.stderr)
         return 2

@@ -64,7 +64,8 @@ def _drafter_model(kind, teacher):
     return model
 
 
-def _run(teacher, kind, strategy, gamma, steps=1, decoding=sp.Decoding(MAX_NEW), seed=0):
+def _run(teacher, kind, strategy, gamma, steps=1, decoding=sp.Decoding(MAX_NEW), seed=0,
+         verifier="cached"):
     student = _drafter_model(kind, teacher)
     student_tok = TEACHER_TOK if kind == "same_vocab" else STUDENT_TOK
     bridge = VocabBridge(student_tok, TEACHER_TOK, strategy,
@@ -73,20 +74,25 @@ def _run(teacher, kind, strategy, gamma, steps=1, decoding=sp.Decoding(MAX_NEW),
                          mask_token_id=student.cfg.mask_token_id)
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps, trailing_masks=3,
                       temperature=0.0 if decoding.greedy else decoding.temperature)
-    return sp.run_prompts(PROMPTS, drafter, sp.RecomputeVerifier(teacher), bridge, decoding,
+    target = sp.make_verifier(verifier, teacher, max(map(len, map(bridge.teacher_prompt, PROMPTS))),
+                              decoding.max_new_tokens)
+    return sp.run_prompts(PROMPTS, drafter, target, bridge, decoding,
                           bridge.stop_ids(teacher.cfg.eos_token_id), seed), bridge
 
 
-GREEDY_CASES = [  # (drafter, strategy, gamma, steps)
-    *[("trained", strategy, gamma, 1) for strategy in ("tli", "string") for gamma in (1, 4, 8)],
-    ("trained", "tli", 4, 2), ("random", "tli", 4, 1), ("random", "string", 8, 1),
-    ("same_vocab", "tli", 8, 1), ("same_vocab", "string", 1, 1)]
+GREEDY_CASES = [  # (drafter, strategy, gamma, steps, verifier)
+    *[("trained", strategy, gamma, 1, "cached") for strategy in ("tli", "string")
+      for gamma in (1, 4, 8)],
+    ("trained", "tli", 4, 2, "cached"), ("random", "tli", 4, 1, "cached"),
+    ("random", "string", 8, 1, "cached"), ("same_vocab", "tli", 8, 1, "cached"),
+    ("same_vocab", "string", 1, 1, "cached"), ("trained", "tli", 4, 1, "recompute"),
+    ("random", "string", 1, 1, "recompute")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,strategy,gamma,steps", GREEDY_CASES)
-def test_greedy_equals_teacher_greedy(teacher, reference, kind, strategy, gamma, steps):
-    results, bridge = _run(teacher, kind, strategy, gamma, steps)
+@pytest.mark.parametrize("kind,strategy,gamma,steps,verifier", GREEDY_CASES)
+def test_greedy_equals_teacher_greedy(teacher, reference, kind, strategy, gamma, steps, verifier):
+    results, bridge = _run(teacher, kind, strategy, gamma, steps, verifier=verifier)
     assert bridge.shared == (kind == "same_vocab")
     for row, ref in zip(results["per_prompt"], reference):
         assert row["ids"] == ref

@@ -321,9 +321,16 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
     longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
-    target = (CachedVerifier(teacher, bucket(longest, PROMPT_BUCKET), decoding.max_new_tokens)
-              if verifier == "cached" else RecomputeVerifier(teacher))
-    return run_prompts(prompts, drafter, target, bridge, decoding, stop_ids, seed)
+    return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
+                                                       decoding.max_new_tokens),
+                       bridge, decoding, stop_ids, seed)
+
+
+def make_verifier(kind: str, teacher, longest_prompt: int, max_new_tokens: int):
+    """"cached" (KV cache sized for these prompts) or "recompute"."""
+    if kind == "cached":
+        return CachedVerifier(teacher, bucket(longest_prompt, PROMPT_BUCKET), max_new_tokens)
+    return RecomputeVerifier(teacher)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

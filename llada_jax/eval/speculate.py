@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llada_jax.errors import UserError
 from llada_jax.eval import rejection
 from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, Drafter, block_logits, bucket
 from llada_jax.teacher.generate import PROMPT_BUCKET
 from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
 
 
-class SpeculateError(ValueError):
+class SpeculateError(UserError):
     """Bad input to speculate (checkpoints, tokenizers, options), with what to change."""
 
 
@@ -265,7 +266,7 @@ def load_lm(path: str, compute_dtype: str | None = None):
     """A model from a params checkpoint, a train workdir or an HF directory; `compute_dtype`
     overrides the config's (the teacher verifies in float32 by default, so that its greedy
     choices are those of a float32 reference)."""
-    from llada_jax.train.checkpointing import load_model
+    from llada_jax.checkpoints import load_model
 
     model = load_model(path)[1]
     if compute_dtype is not None:

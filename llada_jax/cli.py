@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("llada_jax.eval.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
     "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),
     "generate-teacher": ("llada_jax.teacher.generate", "causal teacher + prompts -> teacher logits (seed format)"),
+    "speculate": ("llada_jax.eval.speculate", "LLaDA drafts, the teacher verifies: measured tokens per target call"),
 }
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from data_pipeline import loader as data_loader
 from llada_jax.train import config as train_config
 from llada_jax.train import masking
-from llada_jax.eval import metrics
+from llada_jax.eval import metrics, speculate
 from llada_jax.train.checkpointing import load_model
 
 
@@ -81,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the JSON report here too")
     parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
+    speculate.add_eval_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         print(f"llada-jax eval: split {args.split!r} of {args.data} has no examples", file=sys.stderr)
         return 2
+    if args.teacher:
+        speculate.measured_for_eval(args, model, results)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

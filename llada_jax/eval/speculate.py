@@ -1,0 +1,359 @@
+"""`llada-jax speculate`: LLaDA drafts, the causal teacher verifies, measured tokens per target call.
+
+    llada-jax speculate --drafter CKPT_or_HF --teacher CKPT_or_HF --prompts FILE \
+        [--drafter-tokenizer DIR] [--teacher-tokenizer DIR] --gamma 4 --steps 1 \
+        --strategy tli|string [--temperature T | --greedy] [--out results.json]
+
+Per block: the drafter fills γ positions (`draft`), the vocabulary bridge turns them into teacher
+proposals (`vocab_bridge`), ONE teacher call scores them all and speculative sampling accepts a
+prefix plus one teacher token (`rejection`). The output is the teacher's own law (greedy: its
+own greedy text, token for token). Each prompt is also decoded by the teacher alone, in the same
+run with the same verifier, for the wall-clock comparison (and, greedy, an equality check).
+
+The verifier here recomputes the teacher over the whole sequence at every call (correct and
+simple); anything with `score(context, draft) -> logits [len(draft) + 1, V]` and a `calls`
+counter can replace it (a KV-cached teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llada_jax.eval import rejection
+from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, Drafter, block_logits, bucket
+from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
+
+
+class SpeculateError(ValueError):
+    """Bad input to speculate (checkpoints, tokenizers, options), with what to change."""
+
+
+class RecomputeVerifier:
+    """The causal teacher rerun over context + draft for every call."""
+
+    def __init__(self, model):
+        if not model.cfg.causal:
+            raise SpeculateError("the teacher is not causal (config.json llada_jax.causal is "
+                                 "false): speculate verifies with a causal LM")
+        self.vocab_size = model.cfg.vocab_size
+        self.graphdef, self.state = nnx.split(model)
+        self.calls = 0
+
+    def score(self, context: list[int], draft: list[int]) -> np.ndarray:
+        """float32 [len(draft) + 1, V]: row j is the teacher's next-token logits before draft[j]
+        (the last row: after the whole draft)."""
+        ids = context + draft
+        width = bucket(len(draft) + 1, WIDTH_BUCKET)
+        length = bucket(len(context) - 1 + width, LENGTH_BUCKET)
+        tokens = np.zeros(length, np.int32)
+        tokens[:len(ids)] = ids
+        self.calls += 1
+        logits = block_logits(self.graphdef, self.state, jnp.asarray(tokens[None]), len(ids),
+                              len(context) - 1, width=width, vocab_size=self.vocab_size)
+        return np.asarray(logits)[:len(draft) + 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int = 32
+    greedy: bool = True
+    temperature: float = 1.0  # the teacher's sampling temperature (ignored when greedy)
+
+    def target_probs(self, logits: np.ndarray) -> np.ndarray:
+        return logits if self.greedy else rejection.softmax(logits, self.temperature)
+
+
+def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    for k, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:k + 1]
+    return tokens
+
+
+def teacher_only(verifier, prompt_ids: list[int], decoding: Decoding, stop_ids: set[int],
+                 rng: np.random.Generator) -> list[int]:
+    """Plain decoding: one teacher call per token."""
+    out: list[int] = []
+    while len(out) < decoding.max_new_tokens and not (out and out[-1] in stop_ids):
+        probs = decoding.target_probs(verifier.score(prompt_ids + out, [])[0])
+        out.append(int(np.argmax(probs)) if decoding.greedy else rejection.sample(probs, rng))
+    return out
+
+
+def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridge,
+                     decoding: Decoding, stop_ids: set[int], rng: np.random.Generator) -> dict:
+    """One prompt decoded speculatively: the teacher ids and what each block did."""
+    prompt_ids = bridge.teacher_prompt(prompt)
+    out: list[int] = []
+    blocks = []  # (teacher tokens proposed, accepted)
+    calls, passes = verifier.calls, drafter.forward_passes
+    while len(out) < decoding.max_new_tokens and not (out and out[-1] in stop_ids):
+        draft = drafter.draft(bridge.student_context(prompt, prompt_ids, out), rng)
+        ids, q_rows = bridge.proposals(draft)
+        room = decoding.max_new_tokens - len(out) - 1  # the teacher's own token always comes
+        ids, q_rows = ids[:room], q_rows[:room]
+        p_rows = decoding.target_probs(verifier.score(prompt_ids + out, ids))
+        accepted, token = rejection.verify_block(p_rows, q_rows, ids, rng, decoding.greedy)
+        out += _cut_at_stop(ids[:accepted] + [token], stop_ids)
+        blocks.append((len(ids), accepted))
+    return {"ids": out, "blocks": blocks, "target_calls": verifier.calls - calls,
+            "drafter_forward_passes": drafter.forward_passes - passes}
+
+
+def block_stats(blocks: list[tuple[int, int]]) -> dict:
+    """Accepted length per block, and the acceptance rate at each offset j of the drafted block
+    among the blocks that reached it (drafted > j tokens and accepted the first j)."""
+    longest = max((n for n, _ in blocks), default=0)
+    tried = [sum(n > j and a >= j for n, a in blocks) for j in range(longest)]
+    took = [sum(a > j for _, a in blocks) for j in range(longest)]
+    return {"accepted_per_block": [a for _, a in blocks],
+            "mean_accepted_per_block": float(np.mean([a for _, a in blocks])) if blocks else 0.0,
+            "acceptance_by_offset": [k / t if t else None for k, t in zip(took, tried)]}
+
+
+def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBridge,
+                decoding: Decoding, stop_ids: set[int], seed: int = 0) -> dict:
+    """Speculative and teacher-only decoding of every prompt; per-prompt and total measures."""
+    # Untimed warm-up on the first prompt: the timings below leave compilation out.
+    speculate_prompt(prompts[0], drafter, verifier, bridge, decoding, stop_ids,
+                     np.random.default_rng(seed))
+    teacher_only(verifier, bridge.teacher_prompt(prompts[0]), decoding, stop_ids,
+                 np.random.default_rng(seed))
+    rows, all_blocks = [], []
+    for i, prompt in enumerate(prompts):
+        t = time.perf_counter()
+        spec = speculate_prompt(prompt, drafter, verifier, bridge, decoding, stop_ids,
+                                np.random.default_rng([seed, i]))
+        spec_s = time.perf_counter() - t
+        calls = verifier.calls
+        t = time.perf_counter()
+        alone = teacher_only(verifier, bridge.teacher_prompt(prompt), decoding, stop_ids,
+                             np.random.default_rng([seed, i, 1]))
+        rows.append({"prompt": prompt, "teacher_tokens": len(spec["ids"]),
+                     "target_calls": spec["target_calls"],
+                     "tokens_per_target_call": len(spec["ids"]) / spec["target_calls"],
+                     "drafter_forward_passes": spec["drafter_forward_passes"],
+                     **block_stats(spec["blocks"]), "seconds": spec_s,
+                     "teacher_only": {"teacher_tokens": len(alone), "target_calls":
+                                      verifier.calls - calls, "seconds": time.perf_counter() - t},
+                     "ids": spec["ids"], "text": bridge.text(spec["ids"]),
+                     **({"equals_teacher_greedy": spec["ids"] == alone} if decoding.greedy else {})})
+        all_blocks += spec["blocks"]
+    return {"settings": {"gamma": drafter.gamma, "steps": drafter.steps,
+                         "trailing_masks": drafter.trailing, "strategy": bridge.strategy,
+                         "shared_vocab": bridge.shared, "greedy": decoding.greedy,
+                         "temperature": decoding.temperature,
+                         "draft_temperature": drafter.temperature,
+                         "max_new_tokens": decoding.max_new_tokens, "seed": seed,
+                         "intersection_size": bridge.intersection_size()},
+            "summary": summarize(rows, all_blocks), "per_prompt": rows}
+
+
+def summarize(rows: list[dict], blocks: list[tuple[int, int]]) -> dict:
+    def total(key, sub=None):
+        return sum((r[sub] if sub else r)[key] for r in rows)
+
+    tokens, calls, seconds = total("teacher_tokens"), total("target_calls"), total("seconds")
+    alone_tokens, alone_s = total("teacher_tokens", "teacher_only"), total("seconds", "teacher_only")
+    stats = block_stats(blocks)
+    del stats["accepted_per_block"]
+    out = {"prompts": len(rows), "teacher_tokens": tokens, "target_calls": calls,
+           "tokens_per_target_call": tokens / calls, **stats,
+           "drafter_forward_passes": total("drafter_forward_passes"),
+           "tokens_per_s": tokens / seconds, "teacher_only_tokens_per_s": alone_tokens / alone_s,
+           "speedup": (tokens / seconds) / (alone_tokens / alone_s)}
+    if rows and "equals_teacher_greedy" in rows[0]:
+        out["all_equal_teacher_greedy"] = all(r["equals_teacher_greedy"] for r in rows)
+    return out
+
+
+def write_tensorboard(results: dict, logdir: str) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(logdir) as writer:
+        for i, row in enumerate(results["per_prompt"]):
+            for key in ("tokens_per_target_call", "mean_accepted_per_block", "teacher_tokens"):
+                writer.add_scalar(f"speculate/per_prompt/{key}", row[key], i)
+        for key, value in results["summary"].items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"speculate/{key}", value, 0)
+        for j, rate in enumerate(results["summary"]["acceptance_by_offset"]):
+            if rate is not None:
+                writer.add_scalar("speculate/acceptance_by_offset", rate, j)
+
+
+# ----------------------------------------------------------------------------- CLI / loading
+
+def prompts_from_records(data_dir: str, split: str, student_tokenizer: str,
+                         limit: int | None = None) -> list[str]:
+    """The prompt texts of a preprocessed split (its records' prompt tokens, decoded): held-out
+    prompts for measuring a drafter on the examples `eval` scores."""
+    from data_pipeline import alignment, records
+
+    vocab = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(student_tokenizer))
+    source = records.open_split(data_dir, split)
+    out = []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        ex = source[i]
+        raw = b"".join(vocab.id_bytes[t] or b"" for t in ex["tokens"][:int(ex["prompt_length"])])
+        out.append(raw.decode("utf-8", errors="replace"))
+    return out
+
+
+def load_lm(path: str):
+    """A model in float32 from a params checkpoint, a train workdir or an HF directory."""
+    from llada_jax.checkpoints import load_params
+    from llada_jax.train.checkpointing import load_model
+
+    if (pathlib.Path(path) / "params").is_dir():
+        return load_params(path, dtype="float32", compute_dtype="float32")[1]
+    return load_model(path)[1]
+
+
+def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_length: int) -> None:
+    for index, prompt in enumerate(prompts):
+        n = len(bridge.teacher_prompt(prompt))
+        if n == 0:
+            raise SpeculateError(f"prompt {index} is empty for the teacher tokenizer (no BOS "
+                                 f"either): give it some text")
+        if n + max_new > max_length:
+            raise SpeculateError(f"prompt {index} has {n} teacher tokens; with --max-new-tokens "
+                                 f"{max_new} that passes the teacher's max_sequence_length "
+                                 f"{max_length}: shorten it")
+
+
+def _generation_eos(model_dir: str | None):
+    """generation_config.json's eos_token_id (what transformers' generate stops at), if any."""
+    path = pathlib.Path(model_dir or "") / "generation_config.json"
+    return json.loads(path.read_text()).get("eos_token_id") if model_dir and path.is_file() else None
+
+
+def _tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
+    path = pathlib.Path(given or model_dir)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise SpeculateError(f"{path} holds no tokenizer (tokenizer.json): pass {flag} DIR")
+    return str(path)
+
+
+def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma: int = 4,
+              steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
+              decoding: Decoding = Decoding(), draft_temperature: float | None = None,
+              drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
+              seed: int = 0, drafter_model=None, teacher_model=None) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
+    if not prompts:
+        raise SpeculateError("no prompts to decode")
+    teacher = load_lm(teacher_path) if teacher_model is None else teacher_model
+    student = load_lm(drafter_path) if drafter_model is None else drafter_model
+    bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
+                         _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
+                         strategy, student_vocab_size=student.cfg.vocab_size,
+                         teacher_vocab_size=teacher.cfg.vocab_size,
+                         mask_token_id=student.cfg.mask_token_id)
+    if draft_temperature is None:
+        draft_temperature = 0.0 if decoding.greedy else decoding.temperature
+    drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,
+                      trailing_masks=trailing_masks, temperature=draft_temperature)
+    _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
+    stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
+    return run_prompts(prompts, drafter, RecomputeVerifier(teacher), bridge, decoding, stop_ids,
+                       seed)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """`eval --teacher`: the measured tokens per target call beside the α-predicted E(γ)."""
+    group = parser.add_argument_group("measured speculative decoding (optional)")
+    group.add_argument("--teacher", default=None, help="causal teacher checkpoint: also measure")
+    group.add_argument("--teacher-tokenizer", default=None, help="default: the --teacher dir")
+    group.add_argument("--drafter-tokenizer", default=None, help="default: the --ckpt dir")
+    group.add_argument("--speculate-prompts", type=int, default=32,
+                       help="held-out prompts (from the split's records) to decode")
+    group.add_argument("--speculate-new-tokens", type=int, default=32)
+
+
+def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) -> None:
+    """Adds E_measured_greedy / E_measured_sampled (T = 1, TLI) to each results['gamma=G']."""
+    drafter_tokenizer = _tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
+    prompts = prompts_from_records(args.data, args.split, drafter_tokenizer, args.speculate_prompts)
+    teacher = load_lm(args.teacher)
+    for gamma in args.gamma:
+        for name, greedy in (("greedy", True), ("sampled", False)):
+            summary = speculate(args.ckpt, args.teacher, prompts, gamma=gamma,
+                                decoding=Decoding(args.speculate_new_tokens, greedy=greedy),
+                                drafter_tokenizer=drafter_tokenizer,
+                                teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
+                                drafter_model=drafter_model, teacher_model=teacher)["summary"]
+            results[f"gamma={gamma}"][f"E_measured_{name}"] = summary["tokens_per_target_call"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", required=True, help="LLaDA: params checkpoint, workdir or HF dir")
+    parser.add_argument("--teacher", required=True, help="causal teacher checkpoint or HF dir")
+    parser.add_argument("--drafter-tokenizer", help="default: the --drafter directory")
+    parser.add_argument("--teacher-tokenizer", help="default: the --teacher directory")
+    parser.add_argument("--prompts", required=True, nargs="+",
+                        help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
+    parser.add_argument("--trailing-masks", type=int, default=4,
+                        help="masks after the block (never filled): text goes on")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
+    parser.add_argument("--greedy", action="store_true", help="greedy teacher (the default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample the teacher")
+    parser.add_argument("--draft-temperature", type=float, default=None,
+                        help="default: --temperature (0 = argmax drafts)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="teacher tokens per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the JSON results here")
+    parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
+
+
+def _check(args) -> list[str]:
+    problems = []
+    if args.greedy and args.temperature > 0:
+        problems.append("--greedy and --temperature > 0 contradict each other; pick one")
+    if args.temperature < 0 or (args.draft_temperature or 0) < 0:
+        problems.append("temperatures must be >= 0")
+    if args.gamma < 1 or not 1 <= args.steps <= args.gamma:
+        problems.append("need --gamma >= 1 and 1 <= --steps <= --gamma")
+    if args.max_new_tokens < 1 or args.trailing_masks < 0:
+        problems.append("need --max-new-tokens >= 1 and --trailing-masks >= 0")
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    from llada_jax.teacher.generate import GenerateError, read_prompts
+
+    problems = _check(args)
+    if problems:
+        print("speculate: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    decoding = Decoding(args.max_new_tokens, greedy=args.temperature == 0,
+                        temperature=args.temperature or 1.0)
+    try:
+        prompts = list(read_prompts(args.prompts))[:args.max_prompts]
+        results = speculate(args.drafter, args.teacher, prompts, gamma=args.gamma,
+                            steps=args.steps, trailing_masks=args.trailing_masks,
+                            strategy=args.strategy, decoding=decoding,
+                            draft_temperature=args.draft_temperature,
+                            drafter_tokenizer=args.drafter_tokenizer,
+                            teacher_tokenizer=args.teacher_tokenizer, seed=args.seed)
+    except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
+        print(f"speculate: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.tensorboard:
+        write_tensorboard(results, args.tensorboard)
+    print(json.dumps(results["summary"], indent=2))
+    return 0

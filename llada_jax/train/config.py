@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "kl"                 # kl | reverse_kl | jsd | tvd
+    c.loss.kind = "kl"                 # divergences.KINDS: kl | reverse_kl | jsd | tvd | alpha | lk
     c.loss.temperature = 1.0
     c.loss.beta = 0.5                  # jsd only: beta KL(p || m) + (1 - beta) KL(q || m)
     # How the LM head is cut (llada_jax/train/chunked_head.py): "sequence" chunks of chunk_size positions
@@ -59,8 +59,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.chunk_axis = "sequence"
     c.loss.chunk_size = 256
     c.loss.vocab_tile = 4096
-    c.loss.mask_mode = "original"      # original | masked_only | full | prefix_block
+    c.loss.mask_mode = "original"      # masking.MODES: original | masked_only | full | prefix_block | draft_blocks
     c.loss.mask_eps = 1e-3
+    # -- acceptance training (issue 16): allowed values next to the code that implements them --
+    c.loss.lk_decay = 1.0              # lk: w = exp(-lk_decay alpha) (divergences.divergence)
+    c.loss.position_weights = "uniform"  # loss.POSITION_WEIGHTS: uniform | streak | geometric
+    c.loss.geometric_ratio = 0.7       # geometric: offset j weighs ratio^j
+    c.loss.streak_ema = 0.9            # streak: EMA decay of the per-offset acceptance
+    c.loss.draft_gamma = 4             # draft_blocks: masked, scored block length
+    c.loss.draft_gamma_max = 0         # > draft_gamma: gamma ~ U{draft_gamma..draft_gamma_max}
+    c.loss.draft_trailing = 4          # draft_blocks: trailing masks (speculate --trailing-masks)
+    c.loss.intersection_vocab = False  # student restricted to the TLI intersection (loss.intersection_bias)
+    # -- end acceptance training --
 
     # The original trainer's settings (DESIGN.md "Training system").
     c.optim = ml_collections.ConfigDict()

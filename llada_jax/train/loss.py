@@ -15,6 +15,40 @@ from llada_jax.train import chunked_head
 from llada_jax.train import divergences as div
 
 CHUNK_AXES = ("sequence", "vocab")
+# How the loss weights each drafted offset j of a block (config field loss.position_weights;
+# offsets come from masking.draft_blocks).
+POSITION_WEIGHTS = ("uniform", "streak", "geometric")
+# streak: the smoothed acceptance is floored here so an untrained student (alpha ~ 0 at every
+# offset) still gives offsets past 0 a small, finite weight and the mean-1 scaling never divides
+# by 0.
+STREAK_ALPHA_FLOOR = 1e-3
+
+
+def offset_weights(kind: str, acceptance_g: jax.Array | None, ratio: float, n_offsets: int
+                   ) -> jax.Array:
+    """float32 [n_offsets] weights of offsets 0..n-1 of a drafted block, scaled to mean 1 (so
+    the loss keeps the uniform one's scale).
+
+    'uniform': 1. 'geometric': ratio^j. 'streak' (D-PACE; SpecDiff-2's streak distillation):
+    w_j = sum_{m >= j} prod_{i <= m} a_i with a the smoothed per-offset acceptance of the
+    current student (acceptance_g, an EMA kept in the train state; negative = not measured
+    yet, then uniform): offset j's token adds to the accepted length of every streak that
+    reaches past it, and the streak reaches m with probability prod_{i <= m} a_i. It carries no
+    gradient.
+    """
+    if kind not in POSITION_WEIGHTS:
+        raise ValueError(f"unknown position weights {kind!r}: choose one of "
+                         f"{', '.join(POSITION_WEIGHTS)} (config field loss.position_weights)")
+    j = jnp.arange(n_offsets, dtype=jnp.float32)
+    if kind == "uniform":
+        return jnp.ones((n_offsets,), jnp.float32)
+    if kind == "geometric":
+        w = jnp.asarray(ratio, jnp.float32) ** j
+    else:
+        a = jnp.clip(jax.lax.stop_gradient(acceptance_g), STREAK_ALPHA_FLOOR, 1.0)
+        w = jnp.cumsum(jnp.cumprod(a)[::-1])[::-1]
+        w = jnp.where(jnp.any(acceptance_g < 0), 1.0, w)
+    return w / jnp.mean(w)
 
 
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
@@ -89,3 +123,27 @@ def dense_distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_bl
     total, _ = _weighted_sums(logp, logq, loss_mask_bl, weights_bl,
                               jnp.full(loss_mask_bl.shape, -1), kind, beta, lk_decay, 0)
     return total, jnp.sum(loss_mask_bl).astype(jnp.float32)
+
+
+def intersection_bias(student_tokenizer: str, teacher_tokenizer: str | None, vocab_size: int,
+                      mask_token_id: int) -> jax.Array | None:
+    """float32 [V]: 0 on the student ids `speculate --strategy tli` may draft, -inf elsewhere
+    (None when the tokenizers are the same: nothing to restrict).
+
+    TLI drafts from the student's distribution restricted to the ids whose bytes are also one
+    teacher token (and never the mask token), renormalised: softmax(z + bias). Training with
+    this bias (config field loss.intersection_vocab) fits exactly that distribution, so its
+    acceptance alpha = sum min(p, q_I) is the one verification sees; without it the student also
+    spends mass off the intersection that TLI throws away at drafting. The map is the one
+    `preprocess` aligned the records with (data_pipeline.alignment, via speculate's
+    VocabBridge), so every stored teacher id is inside it, and teacher mass outside it stays the
+    tail bucket as before (the tail's student side becomes the intersection minus S).
+    """
+    if not teacher_tokenizer:
+        return None
+    from llada_jax.eval.vocab_bridge import VocabBridge
+
+    allowed = VocabBridge(student_tokenizer, teacher_tokenizer, "tli",
+                          student_vocab_size=vocab_size, teacher_vocab_size=2 ** 62,
+                          mask_token_id=mask_token_id).allowed
+    return jnp.where(jnp.asarray(allowed), 0.0, -jnp.inf).astype(jnp.float32)

@@ -170,7 +170,10 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
             RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}"]
         config = train_config.load_config(str(TINY_CONFIG), overrides)
-        return align_student(config, out / f"run_{name}_s{seed}", before=False)["after"]
+        after = align_student(config, out / f"run_{name}_s{seed}", before=False)["after"]
+        print(f"  {name} seed {seed}: measured greedy {after['measured_greedy']:.3f}, sampled "
+              f"{after['measured_sampled']:.3f}", flush=True)
+        return after
 
     rows = {name: [train(name, 0)] for name in names}
     for name in sorted(rows, key=lambda n: -_measured(rows[n][0]))[:args.top]:

@@ -241,7 +241,7 @@ def np_buckets(student_logits, ids, lps, temperature):
     return w / w.sum(-1, keepdims=True), np.concatenate([q_s, 1.0 - q_s.sum(-1, keepdims=True)], -1)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5, lk_decay=1.0):
     logp, logq = divergences.bucket_logprobs(logits, ids, lps, temperature)
     return divergences.divergence(logp, logq, kind, beta, lk_decay)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from data_pipeline.batch import Batch
 
-MODES = ("original", "masked_only", "full", "prefix_block", "draft_blocks")
+DIFFUSION_MODES = ("original", "masked_only", "full", "prefix_block")  # `diffusion_mask`
+MODES = DIFFUSION_MODES + ("draft_blocks",)  # config field loss.mask_mode; the last: `draft_blocks`
 
 
 def response_mask(batch: Batch) -> jax.Array:
@@ -62,7 +63,7 @@ def diffusion_mask(rng: jax.Array, batch: Batch, *, mask_token_id: int, mode: st
     if mode == "draft_blocks":
         raise ValueError("mask mode draft_blocks changes the attention segments: use "
                          "`draft_blocks` (train_step does)")
-    if mode not in MODES:
+    if mode not in DIFFUSION_MODES:
         raise ValueError(f"unknown mask mode {mode!r}: choose one of {', '.join(MODES)} "
                          "(config field loss.mask_mode)")
     response = response_mask(batch)

@@ -1,4 +1,5 @@
-"""`llada-jax demo` end to end on a small slice, and `eval` re-run on its exported HF model."""
+"""`llada-jax demo` end to end on a small slice; `eval` re-run on its exported HF model, which
+also loads in PyTorch through its own remote code (`AutoModel`, trust_remote_code)."""
 
 import json
 import pathlib
@@ -46,3 +47,18 @@ def test_demo_small_run_and_eval_of_the_export(tmp_path):
         assert exported[key] == pytest.approx(after[key], abs=1e-5)
     for key in ("E_measured_greedy", "E_measured_sampled"):  # eval --teacher: beside E(γ)
         assert 1.0 <= exported[key] <= 5.0
+
+    # The export loads in PyTorch with the remote code it carries, and gives the same logits.
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+
+    from llada_jax.train.checkpointing import load_model
+
+    _, flax_model = load_model(out / "exported")
+    torch_model = AutoModel.from_pretrained(out / "exported", trust_remote_code=True,
+                                            dtype=torch.float32)
+    tokens = np.random.default_rng(0).integers(0, flax_model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        got = torch_model(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(flax_model(tokens)), atol=1e-5, rtol=0)

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--target-step-ms", type=float, default=None)
     args = parser.parse_args()
 
-    drafter, teacher = sp.load_lm(args.drafter), sp.load_lm(str(ASSETS / "teacher"))
+    drafter, teacher = sp.load_lm(args.drafter), sp.load_lm(str(ASSETS / "teacher"), "float32")
     if args.data:
         prompts = sp.prompts_from_records(args.data, "validation", STUDENT_TOK, args.prompts)
         expected = predicted(drafter, args.data, args.gamma)

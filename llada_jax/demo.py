@@ -205,7 +205,7 @@ def align_student(config, workdir: pathlib.Path, before: bool = True) -> dict:
         return measure_speculative(model, teacher, prompts)
 
     t = time.perf_counter()
-    teacher = load_lm(str(ASSETS / "teacher"))
+    teacher = load_lm(str(ASSETS / "teacher"), "float32")
     prompts = prompts_from_records(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
                                    SPEC_PROMPTS)
     initial = held_out(trainer.initial_state()) | measured(trainer.initial_state()) if before else {}

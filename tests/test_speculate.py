@@ -29,7 +29,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def teacher():
-    return sp.load_lm(str(ASSETS / "teacher"))
+    return sp.load_lm(str(ASSETS / "teacher"), "float32")
 
 
 @pytest.fixture(scope="module")

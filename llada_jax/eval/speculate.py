@@ -209,14 +209,16 @@ def prompts_from_records(data_dir: str, split: str, student_tokenizer: str,
     return out
 
 
-def load_lm(path: str):
-    """A model in float32 from a params checkpoint, a train workdir or an HF directory."""
-    from llada_jax.checkpoints import load_params
+def load_lm(path: str, compute_dtype: str | None = None):
+    """A model from a params checkpoint, a train workdir or an HF directory; `compute_dtype`
+    overrides the config's (the teacher verifies in float32 by default, so that its greedy
+    choices are those of a float32 reference)."""
     from llada_jax.train.checkpointing import load_model
 
-    if (pathlib.Path(path) / "params").is_dir():
-        return load_params(path, dtype="float32", compute_dtype="float32")[1]
-    return load_model(path)[1]
+    model = load_model(path)[1]
+    if compute_dtype is not None:
+        model.cfg = model.cfg.replace(dtype=compute_dtype)
+    return model
 
 
 def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_length: int) -> None:
@@ -248,11 +250,12 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
-              seed: int = 0, drafter_model=None, teacher_model=None) -> dict:
+              seed: int = 0, drafter_model=None, teacher_model=None,
+              teacher_dtype: str = "float32") -> dict:
     """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
-    teacher = load_lm(teacher_path) if teacher_model is None else teacher_model
+    teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
     student = load_lm(drafter_path) if drafter_model is None else drafter_model
     bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
                          _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
@@ -284,7 +287,7 @@ def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) ->
     """Adds E_measured_greedy / E_measured_sampled (T = 1, TLI) to each results['gamma=G']."""
     drafter_tokenizer = _tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
     prompts = prompts_from_records(args.data, args.split, drafter_tokenizer, args.speculate_prompts)
-    teacher = load_lm(args.teacher)
+    teacher = load_lm(args.teacher, "float32")
     for gamma in args.gamma:
         for name, greedy in (("greedy", True), ("sampled", False)):
             summary = speculate(args.ckpt, args.teacher, prompts, gamma=gamma,
@@ -313,6 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-temperature", type=float, default=None,
                         help="default: --temperature (0 = argmax drafts)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="teacher tokens per prompt")
+    parser.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the teacher's compute dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
@@ -347,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
                             strategy=args.strategy, decoding=decoding,
                             draft_temperature=args.draft_temperature,
                             drafter_tokenizer=args.drafter_tokenizer,
-                            teacher_tokenizer=args.teacher_tokenizer, seed=args.seed)
+                            teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
+                            teacher_dtype=args.teacher_dtype)
     except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
         print(f"speculate: {err}", file=sys.stderr)
         return 2

@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--vocab-tile", type=int, default=chunked_head.VOCAB_TILE)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--kinds", default="kl,tvd,alpha,lk",
+                        help="loss kinds whose memory is compared with KL's (goal: within 10%%)")
     args = parser.parse_args()
 
     shape = (args.batch, args.seq_len, args.d_model, args.vocab, args.top_k)
@@ -97,6 +99,12 @@ def main() -> None:
             chunked = temp_bytes(loss.distill_loss, inputs, argnums, **cut)
             print(f"    {name}: {chunked / GIB:.3f} GiB ({chunked}); ratio {chunked / dense:.4f}"
                   f" = 1/{dense / chunked:.1f} of dense (goal <= 1/8)")
+    for name, cut in cuts.items():  # d hidden and d head, each kind against KL
+        kl = temp_bytes(loss.distill_loss, inputs, (0, 1), kind="kl", **cut)
+        for kind in args.kinds.split(","):
+            got = temp_bytes(loss.distill_loss, inputs, (0, 1), kind=kind, **cut)
+            print(f"    {name}, kind {kind}: {got / GIB:.3f} GiB; {got / kl:.3f} x KL's "
+                  "(goal <= 1.10)")
     print(f"[compile {time.perf_counter() - start:.1f} s]")
     value_check({"vocab tiles of 512": dict(chunk_axis="vocab", vocab_tile=512),
                  "sequence chunks of 64": dict(chunk_axis="sequence", chunk_size=64)})

@@ -27,6 +27,24 @@ from llada_jax.errors import UserError
 
 ASSETS = pathlib.Path(__file__).parent / "demo_assets"
 STRATEGIES = ("original", "masked_only", "prefix_block")
+# The recipes `--compare-strategies` trains (issue 16): loss kind, position weights, mask mode
+# and the TLI intersection, alone and combined, against today's default (original + KL).
+_DB = ("--config.loss.mask_mode=draft_blocks",)
+_STREAK = ("--config.loss.position_weights=streak",)
+_I = ("--config.loss.intersection_vocab=True",)
+RECIPES = {
+    "original+kl": ("--config.loss.mask_mode=original", "--config.loss.kind=kl"),
+    "original+alpha": ("--config.loss.mask_mode=original", "--config.loss.kind=alpha"),
+    "original+lk": ("--config.loss.mask_mode=original", "--config.loss.kind=lk"),
+    "draft_blocks+kl": _DB + ("--config.loss.kind=kl",),
+    "draft_blocks+lk": _DB + ("--config.loss.kind=lk",),
+    "draft_blocks+kl+streak": _DB + _STREAK + ("--config.loss.kind=kl",),
+    "draft_blocks+lk+streak": _DB + _STREAK + ("--config.loss.kind=lk",),
+    "draft_blocks+alpha+streak": _DB + _STREAK + ("--config.loss.kind=alpha",),
+    "original+kl+intersection": ("--config.loss.mask_mode=original",
+                                 "--config.loss.kind=kl") + _I,
+    "draft_blocks+lk+streak+intersection": _DB + _STREAK + ("--config.loss.kind=lk",) + _I,
+}
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
 QUICK = (64, 12, 30)
@@ -36,7 +54,7 @@ SPEC_PROMPTS, SPEC_NEW_TOKENS, SPEC_GAMMA = 24, 16, 4  # the speculative measure
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="where everything is written")
     parser.add_argument("--steps", type=int, default=200, help="student training steps")
-    parser.add_argument("--mask-mode", default=None, choices=STRATEGIES + ("full",),
+    parser.add_argument("--mask-mode", default=None, choices=STRATEGIES + ("full", "draft_blocks"),
                         help="loss positions (default: the config's recommended default)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="teacher answer length")
     parser.add_argument("--top-k", type=int, default=32, help="teacher targets kept per token")
@@ -45,7 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", choices=("pretrained", "random"), default="random",
                         help="start from the shipped pre-trained tiny LLaDA, or from scratch")
     parser.add_argument("--compare-strategies", action="store_true",
-                        help="train once per loss-position strategy and compare held-out alpha")
+                        help="train once per recipe (loss kind, position weights, mask mode, "
+                             "TLI intersection) and rank them by measured tokens per target call")
+    parser.add_argument("--rows", default=",".join(RECIPES),
+                        help=f"--compare-strategies: comma-separated recipes ({', '.join(RECIPES)})")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="--compare-strategies: seeds for the top rows (seed 0 for the rest)")
+    parser.add_argument("--top", type=int, default=2,
+                        help="--compare-strategies: how many of the best rows get all the seeds")
     parser.add_argument("--quick", action="store_true",
                         help=f"a short smoke run: --max-prompts {QUICK[0]} --max-new-tokens "
                              f"{QUICK[1]} --steps {QUICK[2]}")
@@ -61,17 +86,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data_dir = make_teacher_data(out, args.max_new_tokens, args.top_k, args.max_prompts)
-    modes = STRATEGIES if args.compare_strategies else (args.mask_mode,)
-    results = {}
-    for mode in modes:
-        overrides = demo_overrides(data_dir, args.steps, mode, args.student)
-        config = train_config.load_config("tiny", overrides)
-        workdir = out / ("run" if len(modes) == 1 else f"run_{mode}")
-        results[config.loss.mask_mode] = align_student(config, workdir)
     if args.compare_strategies:
-        print(strategy_table(results))
-        (out / "strategies.json").write_text(json.dumps(results, indent=2) + "\n")
+        rows = compare_recipes(args, data_dir, out)
+        print(recipe_table(rows))
+        (out / "strategies.json").write_text(json.dumps(rows, indent=2) + "\n")
         return 0
+    overrides = demo_overrides(data_dir, args.steps, args.mask_mode, args.student)
+    config = train_config.load_config("tiny", overrides)
+    workdir = out / "run"
+    results = {config.loss.mask_mode: align_student(config, workdir)}
     (mode, result), = results.items()
     export_dir = export(workdir, out / "exported")
     plot_curves(workdir / "metrics.jsonl", out / "curves.png")
@@ -150,8 +173,41 @@ def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int,
     return data_dir
 
 
-def align_student(config, workdir: pathlib.Path) -> dict:
-    """Trains a fresh student; held-out drafter metrics of the initial and final params."""
+def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathlib.Path
+                    ) -> dict:
+    """Every recipe in --rows at seed 0, then seeds 1.. for the --top best: {recipe: [after
+    metrics per seed]}, same data and steps for all."""
+    from llada_jax.train import config as train_config
+
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise UserError(f"unknown --rows {unknown}: choose from "
+                         f"{', '.join(RECIPES)}")
+
+    def train(name, seed):
+        overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
+            RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}"]
+        config = train_config.load_config("tiny", overrides)
+        after = align_student(config, out / f"run_{name}_s{seed}", before=False)["after"]
+        print(f"  {name} seed {seed}: measured greedy {after['measured_greedy']:.3f}, sampled "
+              f"{after['measured_sampled']:.3f}", flush=True)
+        return after
+
+    rows = {name: [train(name, 0)] for name in names}
+    for name in sorted(rows, key=lambda n: -_measured(rows[n][0]))[:args.top]:
+        rows[name] += [train(name, seed) for seed in range(1, args.seeds)]
+    return rows
+
+
+def _measured(r: dict) -> float:
+    """The ranking key: measured tokens per target call, greedy and sampled averaged."""
+    return 0.5 * (r["measured_greedy"] + r["measured_sampled"])
+
+
+def align_student(config, workdir: pathlib.Path, before: bool = True) -> dict:
+    """Trains a fresh student; held-out drafter metrics of the initial (if `before`) and final
+    params."""
     from flax import nnx
 
     from llada_jax.eval.speculate import load_lm, prompts_from_records
@@ -171,12 +227,13 @@ def align_student(config, workdir: pathlib.Path) -> dict:
     teacher = load_lm(str(ASSETS / "teacher"), "float32")
     prompts = prompts_from_records(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
                                    SPEC_PROMPTS)
-    before = held_out(trainer.initial_state()) | measured(trainer.initial_state())
+    initial = held_out(trainer.initial_state()) | measured(trainer.initial_state()) if before else {}
     trainer.fit()
     after = held_out(trainer.final_state) | measured(trainer.final_state)
-    print(f"[3/4] train ({config.loss.mask_mode}): {config.train.num_steps} steps in "
+    print(f"[3/4] train ({config.loss.mask_mode}, {config.loss.kind}, "
+          f"{config.loss.position_weights}): {config.train.num_steps} steps in "
           f"{time.perf_counter() - t:.0f} s -> {workdir}")
-    return {"before": before, "after": after}
+    return {"before": initial, "after": after}
 
 
 def measure_speculative(drafter, teacher, prompts: list[str]) -> dict:
@@ -225,13 +282,24 @@ def before_after_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def strategy_table(results: dict) -> str:
-    lines = ["", "loss positions | held-out α lower | α upper | top-1 | KL | E(γ=4) lower",
-             "---|---|---|---|---|---"]
-    for mode, r in results.items():
-        a = r["after"]
-        lines.append(f"{mode} | {a['alpha_lower']:.4f} | {a['alpha_upper']:.4f} | "
-                     f"{a['top1']:.4f} | {a['kl']:.4f} | {a['E_lower']:.3f}")
+def recipe_table(rows: dict) -> str:
+    """Recipes ranked by measured tokens per target call (mean over seeds; ± the spread, half
+    the max - min, where there are several), with the held-out KL, alpha and E(γ) beside them."""
+    import numpy as np
+
+    def cell(runs, key, digits=3):
+        v = np.asarray([r[key] for r in runs])
+        return f"{v.mean():.{digits}f}" + (f" ± {(v.max() - v.min()) / 2:.{digits}f}"
+                                            if len(v) > 1 else "")
+
+    lines = ["", "recipe | seeds | MEASURED greedy | MEASURED sampled | KL | α lower | α upper | "
+             "E(γ=4) lower", "---|---|---|---|---|---|---|---"]
+    for name in sorted(rows, key=lambda n: -np.mean([_measured(r) for r in rows[n]])):
+        runs = rows[name]
+        lines.append(f"{name} | {len(runs)} | {cell(runs, 'measured_greedy')} | "
+                     f"{cell(runs, 'measured_sampled')} | {cell(runs, 'kl')} | "
+                     f"{cell(runs, 'alpha_lower')} | {cell(runs, 'alpha_upper')} | "
+                     f"{cell(runs, 'E_lower')}")
     return "\n".join(lines)
 
 

@@ -208,8 +208,16 @@ def np_plogratio(a, b):
         return np.where(a > 0, a * (np.log(np.where(a > 0, a, 1)) - np.log(b)), 0.0)
 
 
-def np_divergence(p, q, kind, beta=0.5):
-    """Reference divergences over the last axis, float64, written from the definitions."""
+def np_divergence(p, q, kind, beta=0.5, lk_decay=1.0, lk_weight=None):
+    """Reference divergences over the last axis, float64, written from the definitions.
+    lk: lk_weight (default exp(-lk_decay alpha) at p, q) is the KL weight w, held fixed in the
+    gradient by the loss, so a finite-difference reference passes the base point's w."""
+    alpha = np.minimum(p, q).sum(-1)
+    if kind == "alpha":
+        return -np.log(alpha)
+    if kind == "lk":
+        w = np.exp(-lk_decay * alpha) if lk_weight is None else lk_weight
+        return w * np_plogratio(p, q).sum(-1) + (1 - w) * (1 - alpha)
     if kind == "kl":
         return np_plogratio(p, q).sum(-1)
     if kind == "reverse_kl":
@@ -233,10 +241,10 @@ def np_buckets(student_logits, ids, lps, temperature):
     return w / w.sum(-1, keepdims=True), np.concatenate([q_s, 1.0 - q_s.sum(-1, keepdims=True)], -1)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def jax_divergence(logits, ids, lps, kind, temperature, beta=0.5, lk_decay=1.0):
     logp, logq = divergences.bucket_logprobs(logits, ids, lps, temperature)
-    return divergences.divergence(logp, logq, kind, beta)
+    return divergences.divergence(logp, logq, kind, beta, lk_decay)
 
 
 def full_vocab_case(rng, n=6, v=40):

@@ -15,7 +15,7 @@ def masks(batch, mode, seed=0, eps=1e-3):
     return noisy, np.asarray(loss_mask), noisy != batch["tokens"]
 
 
-@pytest.mark.parametrize("mode", masking.MODES)
+@pytest.mark.parametrize("mode", masking.DIFFUSION_MODES)
 def test_prompt_and_padding_never_masked_or_counted(mode):
     batch = packed_batch(np.random.default_rng(0), rows=6, seq=40, segments=SEGMENTS)
     noisy, loss_mask, masked = masks(batch, mode)

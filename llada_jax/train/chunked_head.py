@@ -97,39 +97,66 @@ def over_positions(piece: Callable, carry, c: Compacted):
 
 # -- the sequence cut of the loss, with its closed-form gradient --------------------------------
 
-def _chunk_loss_and_grads(h_bcd: jax.Array, head_dv: jax.Array, ids_bck: jax.Array,
-                          lps_bck: jax.Array, mask_bc: jax.Array, *, kind: str,
-                          temperature: float, beta: float, with_grads: bool):
-    """Loss sum of one sequence chunk; with_grads, (loss sum, d hidden [B, C, D], (hidden
-    [B*C, D], d loss / d logits [B*C, V])), the last pair for `_add_head_grad`.
+class LossOpts(NamedTuple):
+    """The static settings of `sequence_loss` (hashable: a custom-VJP nondiff argument)."""
+    kind: str
+    temperature: float
+    beta: float
+    lk_decay: float
+    chunk_size: int
+    vocab_tile: int
+    n_offsets: int = 0     # length of the per-offset acceptance sums (0: none)
 
-    The chunk's logits [B*C, V] are made once and serve both the statistics
-    (`divergences.stats_and_tail`) and the gradient, written in closed form from the loss's
-    gradients g w.r.t. those statistics:
+
+def offset_sums(values_n: jax.Array, offsets_n: jax.Array, n_offsets: int) -> jax.Array:
+    """float32 [n_offsets]: the sum of values at each offset 0..n_offsets-1 (others dropped)."""
+    return jnp.zeros((n_offsets,), jnp.float32).at[offsets_n].add(values_n, mode="drop")
+
+
+def _chunk_loss_and_grads(h_bcd: jax.Array, head_dv: jax.Array, ids_bck: jax.Array,
+                          lps_bck: jax.Array, mask_bc: jax.Array, weight_bc: jax.Array,
+                          offset_bc: jax.Array, bias_v: jax.Array | None, *, opts: LossOpts,
+                          with_grads: bool):
+    """(weighted loss sum, acceptance sums by offset [n_offsets]) of one sequence chunk; with
+    with_grads also d hidden [B, C, D] and (hidden [B*C, D], d loss / d logits [B*C, V]), the
+    last pair for `_add_head_grad`.
+
+    The chunk's logits [B*C, V] (plus bias_v, -inf off the vocabulary the loss is restricted
+    to) are made once and serve both the statistics (`divergences.stats_and_tail`) and the
+    gradient. The gradient of any divergence goes through the three statistics: jax.vjp of the
+    per-position loss w.r.t. (z at the teacher's ids, log_norm, log_tail) gives g_ids, g_norm,
+    g_tail, and since d log_norm / d z = softmax(z), d log_tail / d z = softmax over the tail:
       d loss / d z = exp(z - log_norm) g_norm + [v not in S] exp(z - log_tail) g_tail + g_ids,
     made from the same tail buffer, so the [B*C, V] array is passed over ~7 times in all
     (matmul, max, sum, gradient, two matmuls), which matters where memory bandwidth is the limit.
+    A new divergence in `divergences.divergence` needs nothing here.
     """
     b, c, _ = h_bcd.shape
     vocab, k = head_dv.shape[1], ids_bck.shape[-1]
-    rows = b * c
+    rows, temperature = b * c, opts.temperature
     h_nd = h_bcd.reshape(rows, -1)
     logits_nv = jnp.einsum("nd,dv->nv", h_nd, head_dv, preferred_element_type=jnp.float32)
+    if bias_v is not None:
+        logits_nv = logits_nv + bias_v[None, :]
     valid_nk = (lps_bck > NEG_INF).reshape(rows, k)
     stats, tail_nv = div.stats_and_tail(logits_nv, ids_bck.reshape(rows, k), valid_nk,
                                         temperature)
     lps_nk = lps_bck.reshape(rows, k)
-    mask_n = mask_bc.reshape(rows)
+    mask_n, weight_n = mask_bc.reshape(rows), weight_bc.reshape(rows)
 
     def chunk_loss(z_at_ids, log_norm, log_tail):
         logp, logq = div.bucket_logprobs_from_stats(
             StudentStats(z_at_ids, log_norm, log_tail, None), lps_nk, temperature)
-        return jnp.sum(jnp.where(mask_n, div.divergence(logp, logq, kind, beta), 0.0))
+        d = div.divergence(logp, logq, opts.kind, opts.beta, opts.lk_decay)
+        alpha = jnp.where(mask_n, jnp.exp(div.log_acceptance(logp, logq)), 0.0)
+        return (jnp.sum(jnp.where(mask_n, weight_n * d, 0.0)),
+                jax.lax.stop_gradient(offset_sums(alpha, offset_bc.reshape(rows),
+                                                  opts.n_offsets)))
 
     if not with_grads:
         return chunk_loss(stats.z_at_ids, stats.log_norm, stats.log_tail)
-    total, vjp = jax.vjp(chunk_loss, stats.z_at_ids, stats.log_norm, stats.log_tail)
-    g_ids, g_norm, g_tail = vjp(jnp.ones((), jnp.float32))
+    (total, alpha_g), vjp = jax.vjp(chunk_loss, stats.z_at_ids, stats.log_norm, stats.log_tail)
+    g_ids, g_norm, g_tail = vjp((jnp.ones((), jnp.float32), jnp.zeros_like(alpha_g)))
     # Tail columns: exp(z - log_tail) * (g_norm exp(log_tail - log_norm) + g_tail) / T.
     has_tail = stats.log_tail > NEG_INF
     log_tail = jnp.where(has_tail, stats.log_tail, 0.0)  # an empty tail: exp(-inf) = 0 anyway
@@ -141,7 +168,7 @@ def _chunk_loss_and_grads(h_bcd: jax.Array, head_dv: jax.Array, ids_bck: jax.Arr
     dz_nv = div.scatter_rows(dz_nv, div.dropped_ids(ids_bck.reshape(rows, k), valid_nk, vocab),
                              jnp.where(valid_nk, at_ids, 0.0))
     dh_nd = jnp.einsum("nv,dv->nd", dz_nv, head_dv, preferred_element_type=jnp.float32)
-    return total, dh_nd.reshape(b, c, -1), (h_nd, dz_nv)
+    return (total, alpha_g), dh_nd.reshape(b, c, -1), (h_nd, dz_nv)
 
 
 def _add_head_grad(dhead_dv: jax.Array, h_nd: jax.Array, dz_nv: jax.Array, tile: int
@@ -163,61 +190,70 @@ def _add_head_grad(dhead_dv: jax.Array, h_nd: jax.Array, dz_nv: jax.Array, tile:
     return add(acc, full * tile, vocab - full * tile) if vocab % tile else acc
 
 
-def _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size: int
-                         ) -> Compacted:
+def _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, weight_bl, offset_bl,
+                         chunk_size: int) -> Compacted:
     """The loss's inputs with each row's loss positions first; hidden in the matmul dtype."""
     h = hidden_bld.astype(jnp.result_type(hidden_bld, head_dv))
     return compact(mask_bl, ((h, 0), (ids_blk.astype(jnp.int32), 0), (lps_blk, NEG_INF),
-                             (mask_bl, False)), chunk_size)
+                             (mask_bl, False), (weight_bl.astype(jnp.float32), 0.0),
+                             (offset_bl.astype(jnp.int32), -1)), chunk_size)
 
 
-def _sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
-    """(loss sum, (d hidden, d head)): one pass over the loss positions, gradients included."""
-    kind, temperature, beta, chunk_size, vocab_tile = opts
-    c = _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
+def _sequence_loss_fwd(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, weight_bl, offset_bl,
+                       bias_v, opts: LossOpts):
+    """((loss sum, acceptance by offset), (d hidden, d head)): one pass over the loss
+    positions, gradients included."""
+    c = _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, weight_bl,
+                             offset_bl, opts.chunk_size)
 
     def piece(carry, start, chunk_xs):
-        total, dhead, dh_all = carry
-        t, dh, (h_nd, dz_nv) = _chunk_loss_and_grads(
-            chunk_xs[0], head_dv, *chunk_xs[1:], kind=kind, temperature=temperature, beta=beta,
-            with_grads=True)
-        return (total + t, _add_head_grad(dhead, h_nd, dz_nv, vocab_tile),
+        total, alpha_g, dhead, dh_all = carry
+        (t, a), dh, (h_nd, dz_nv) = _chunk_loss_and_grads(
+            chunk_xs[0], head_dv, *chunk_xs[1:], bias_v, opts=opts, with_grads=True)
+        return (total + t, alpha_g + a, _add_head_grad(dhead, h_nd, dz_nv, opts.vocab_tile),
                 jax.lax.dynamic_update_slice_in_dim(dh_all, dh.astype(dh_all.dtype), start,
                                                     axis=1))
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_dv.shape, jnp.float32),
-            jnp.zeros(c.xs[0].shape, c.xs[0].dtype))
-    total, dhead, dh_all = over_positions(piece, init, c)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((opts.n_offsets,), jnp.float32),
+            jnp.zeros(head_dv.shape, jnp.float32), jnp.zeros(c.xs[0].shape, c.xs[0].dtype))
+    total, alpha_g, dhead, dh_all = over_positions(piece, init, c)
     seq_len = hidden_bld.shape[1]
     # Back to the original order; positions outside the loss keep a zero gradient.
     dh = jnp.take_along_axis(dh_all[:, :seq_len], jnp.argsort(c.order, axis=1)[..., None], axis=1)
-    return total, (dh.astype(hidden_bld.dtype), dhead.astype(head_dv.dtype))
+    return (total, alpha_g), (dh.astype(hidden_bld.dtype), dhead.astype(head_dv.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, opts):
-    """Sum over masked positions of the divergence, through the head in sequence chunks.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def sequence_loss(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, weight_bl, offset_bl, bias_v,
+                  opts: LossOpts):
+    """(sum over masked positions of weight * divergence, the student's acceptance alpha summed
+    by drafted offset [opts.n_offsets], no gradient), through the head in sequence chunks.
 
+    weight_bl float [B, L] (no gradient), offset_bl int [B, L] (-1: no offset), bias_v [V] or
+    None: added to the logits (-inf restricts the student to a sub-vocabulary).
     Each row's loss positions are first gathered to its front, so the chunks run only as far as
     the fullest row's loss positions reach (`over_positions`). The gradients are made in the
     forward pass from the chunk logits already at hand (custom VJP), so each chunk's logits are
     computed once: 3 head matmuls in all (logits, d hidden, d head) against 4 when autodiff
-    recomputes them under remat. opts: (kind, temperature, beta, chunk_size, vocab_tile)."""
-    kind, temperature, beta, chunk_size, _ = opts
-    c = _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, chunk_size)
+    recomputes them under remat."""
+    c = _compact_loss_inputs(hidden_bld, head_dv, ids_blk, lps_blk, mask_bl, weight_bl,
+                             offset_bl, opts.chunk_size)
 
-    def piece(total, start, chunk_xs):
+    def piece(carry, start, chunk_xs):
         del start
-        return total + _chunk_loss_and_grads(chunk_xs[0], head_dv, *chunk_xs[1:], kind=kind,
-                                             temperature=temperature, beta=beta,
-                                             with_grads=False)
+        t, a = _chunk_loss_and_grads(chunk_xs[0], head_dv, *chunk_xs[1:], bias_v, opts=opts,
+                                     with_grads=False)
+        return carry[0] + t, carry[1] + a
 
-    return over_positions(piece, jnp.zeros((), jnp.float32), c)
+    return over_positions(piece, (jnp.zeros((), jnp.float32),
+                                  jnp.zeros((opts.n_offsets,), jnp.float32)), c)
 
 
 def _sequence_loss_bwd(opts, grads, g):
     dh, dhead = grads
-    return (g.astype(dh.dtype) * dh, g.astype(dhead.dtype) * dhead, None, None, None)
+    g_total = g[0]  # the acceptance sums carry no gradient
+    return (g_total.astype(dh.dtype) * dh, g_total.astype(dhead.dtype) * dhead,
+            None, None, None, None, None, None)
 
 
 sequence_loss.defvjp(_sequence_loss_fwd, _sequence_loss_bwd)
@@ -251,7 +287,8 @@ class _TileCarry(NamedTuple):
 
 def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                       valid_blk: jax.Array, *, temperature: float = 1.0,
-                      vocab_tile: int = VOCAB_TILE, with_top1: bool = True) -> StudentStats:
+                      vocab_tile: int = VOCAB_TILE, with_top1: bool = True,
+                      bias_v: jax.Array | None = None) -> StudentStats:
     """`StudentStats` [B, L] of logits = hidden @ head, scanning the head in vocabulary tiles.
 
     hidden_bld [B, L, D]; head_dv [D, V]; teacher_ids_blk, valid_blk [B, L, K].
@@ -260,6 +297,7 @@ def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk
     the head gradient is written into its output slice by slice. When the tile does not divide V,
     the last tile is moved back to end at V and masks the columns its predecessor covered.
     with_top1=False leaves `top1` None: an argmax costs XLA:CPU about half a tile's matmul.
+    bias_v [V] (or None) is added to the logits, as in `sequence_loss`.
     """
     vocab = head_dv.shape[1]
     tile = max(1, min(int(vocab_tile), vocab))
@@ -274,8 +312,10 @@ def vocab_tiled_stats(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk
         begin = t * tile
         start = jnp.minimum(begin, vocab - tile)
         head_dt = jax.lax.dynamic_slice_in_dim(head_dv, start, tile, axis=1)
-        z_blt = jnp.einsum("bld,dt->blt", h_bld, head_dt,
-                           preferred_element_type=jnp.float32) / temperature
+        z_blt = jnp.einsum("bld,dt->blt", h_bld, head_dt, preferred_element_type=jnp.float32)
+        if bias_v is not None:
+            z_blt = z_blt + jax.lax.dynamic_slice_in_dim(bias_v, start, tile)
+        z_blt = z_blt / temperature
         z_nt = jnp.where(start + jnp.arange(tile) >= begin, z_blt, NEG_INF).reshape(rows, tile)
         local_nk = (ids_blk - start).reshape(rows, k)
         here_nk = (valid_blk & (ids_blk >= begin) & (ids_blk < start + tile)).reshape(rows, k)

@@ -78,12 +78,23 @@ def default_config() -> ml_collections.ConfigDict:
     # positions (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V]
     # logits), or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one
     # head-gradient reduction across devices). vocab_tile also cuts the sequence path's
-    # head-gradient adds. mask_mode: original | masked_only | full | prefix_block.
+    # head-gradient adds. mask_mode: original | masked_only | full | prefix_block | draft_blocks;
+    # kind also alpha | lk (acceptance training, below).
     c.loss = ml_collections.ConfigDict(_defaults(
         loss_lib.distill_loss, "kind", "temperature", "beta", "chunk_axis", "chunk_size",
         "vocab_tile"))
     c.loss.update(mask_mode=_defaults(masking.diffusion_mask, "mode")["mode"],
                   mask_eps=_defaults(masking.diffusion_mask, "eps")["eps"])
+    # -- acceptance training (issue 16): allowed values next to the code that implements them --
+    c.loss.lk_decay = 1.0              # lk: w = exp(-lk_decay alpha) (divergences.divergence)
+    c.loss.position_weights = "uniform"  # loss.POSITION_WEIGHTS: uniform | streak | geometric
+    c.loss.geometric_ratio = 0.7       # geometric: offset j weighs ratio^j
+    c.loss.streak_ema = 0.9            # streak: EMA decay of the per-offset acceptance
+    c.loss.draft_gamma = 4             # draft_blocks: masked, scored block length
+    c.loss.draft_gamma_max = 0         # > draft_gamma: gamma ~ U{draft_gamma..draft_gamma_max}
+    c.loss.draft_trailing = 4          # draft_blocks: trailing masks (speculate --trailing-masks)
+    c.loss.intersection_vocab = False  # student restricted to the TLI intersection (loss.intersection_bias)
+    # -- end acceptance training --
 
     # The original trainer's settings (DESIGN.md "Training system").
     c.optim = ml_collections.ConfigDict()
@@ -231,6 +242,8 @@ def _choice_fields() -> dict[str, tuple]:
     fields = {f"model.{k}": v for k, v in run_setting_choices().items()}
     fields.update({"loss.kind": divergences.KINDS, "loss.chunk_axis": loss_lib.CHUNK_AXES,
                    "loss.mask_mode": masking.MODES,
+                   "loss.position_weights": loss_lib.POSITION_WEIGHTS,
+                   "loss.intersection_vocab": (True, False),
                    "model.scan_layers": (True, False), "data.pack": (True, False),
                    "train.async_checkpointing": (True, False)})
     return fields
@@ -249,6 +262,12 @@ _RANGES = {
     "loss.beta": (lambda v: 0 < v < 1, "in (0, 1)"),
     "loss.chunk_size": (lambda v: v > 0, "> 0"), "loss.vocab_tile": (lambda v: v > 0, "> 0"),
     "loss.mask_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss.lk_decay": (lambda v: v >= 0, ">= 0"),
+    "loss.geometric_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "loss.streak_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss.draft_gamma": (lambda v: v > 0, "> 0"),
+    "loss.draft_gamma_max": (lambda v: v >= 0, ">= 0 (0: always draft_gamma)"),
+    "loss.draft_trailing": (lambda v: v >= 0, ">= 0"),
     "optim.lr": (lambda v: v > 0, "> 0"),
     "optim.final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-KINDS = ("kl", "reverse_kl", "jsd", "tvd")
+KINDS = ("kl", "reverse_kl", "jsd", "tvd", "alpha", "lk")
 # Reverse KL needs log p where q > 0. A teacher bucket with zero mass (the tail of a renormalised
 # top-5 record) would make it infinite; such buckets are given this probability instead.
 REVERSE_KL_TEACHER_FLOOR = 1e-8
@@ -161,25 +161,39 @@ def _plogratio(logp: jax.Array, logq: jax.Array) -> jax.Array:
     return jnp.where(present, jnp.exp(lp) * (lp - lq), 0.0)
 
 
-def check_kind(kind: str, beta: float = 0.5) -> None:
-    """A clear error for a loss kind (or jsd beta) `divergence` cannot compute."""
+def check_kind(kind: str, beta: float = 0.5, lk_decay: float = 1.0) -> None:
+    """A clear error for a loss kind (or jsd beta, lk decay) `divergence` cannot compute."""
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(KINDS)} "
                          "(config field loss.kind)")
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta} (config field loss.beta)")
+    if kind == "lk" and not lk_decay >= 0.0:
+        raise ValueError(f"lk needs a decay >= 0, got {lk_decay} (config field loss.lk_decay)")
+
+
+def log_acceptance(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """log alpha = log sum_buckets min(p, q) [..., K+1] -> [...], computed in the log domain (a
+    logsumexp of the elementwise min), so alpha near 0 keeps a finite, exact log."""
+    return safe_logsumexp(jnp.minimum(logp, logq))
 
 
 def divergence(logp: jax.Array, logq: jax.Array, kind: str = "kl",
-               beta: float = 0.5) -> jax.Array:
+               beta: float = 0.5, lk_decay: float = 1.0) -> jax.Array:
     """Divergence of student q from teacher p, both log-probs over buckets [..., K+1] -> [...].
 
     kind: 'kl' = KL(p || q) (forward, the original loss); 'reverse_kl' = KL(q || p), with empty
     teacher buckets floored at REVERSE_KL_TEACHER_FLOOR; 'jsd' = beta KL(p || m) +
     (1 - beta) KL(q || m), m = beta p + (1 - beta) q, 0 < beta < 1; 'tvd' = 0.5 sum |p - q|
-    (= 1 - alpha_upper, the acceptance-rate gap).
+    (= 1 - alpha, the acceptance-rate gap).
+    The acceptance losses of "LK Losses: Direct Acceptance Rate Optimization for Speculative
+    Decoding" (ICML 2026), with alpha = sum min(p, q) the speculative-sampling acceptance rate:
+    'alpha' = -log alpha; 'lk' = w KL(p || q) + (1 - w)(1 - alpha), w = exp(-lk_decay alpha):
+    KL leads while alpha is small (its gradient reaches every bucket; min(p, q) only moves the
+    buckets where q < p) and hands over to alpha as it grows. w is a schedule, so it carries no
+    gradient (stop_gradient), as in the paper's adaptive blend.
     """
-    check_kind(kind, beta)
+    check_kind(kind, beta, lk_decay)
     if kind == "kl":
         return jnp.sum(_plogratio(logp, logq), axis=-1)
     if kind == "reverse_kl":
@@ -189,4 +203,10 @@ def divergence(logp: jax.Array, logq: jax.Array, kind: str = "kl",
         logm = safe_logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)
         return (beta * jnp.sum(_plogratio(logp, logm), axis=-1)
                 + (1.0 - beta) * jnp.sum(_plogratio(logq, logm), axis=-1))
+    if kind == "alpha":
+        return -log_acceptance(logp, logq)
+    if kind == "lk":
+        alpha = jnp.exp(log_acceptance(logp, logq))
+        w = jax.lax.stop_gradient(jnp.exp(-lk_decay * alpha))
+        return w * jnp.sum(_plogratio(logp, logq), axis=-1) + (1.0 - w) * (1.0 - alpha)
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)  # tvd

@@ -15,49 +15,135 @@ from llada_jax.train import chunked_head
 from llada_jax.train import divergences as div
 
 CHUNK_AXES = ("sequence", "vocab")
+# How the loss weights each drafted offset j of a block (config field loss.position_weights;
+# offsets come from masking.draft_blocks).
+POSITION_WEIGHTS = ("uniform", "streak", "geometric")
+# streak: the smoothed acceptance is floored here so an untrained student (alpha ~ 0 at every
+# offset) still gives offsets past 0 a small, finite weight and the mean-1 scaling never divides
+# by 0.
+STREAK_ALPHA_FLOOR = 1e-3
+
+
+def offset_weights(kind: str, acceptance_g: jax.Array | None, ratio: float, n_offsets: int
+                   ) -> jax.Array:
+    """float32 [n_offsets] weights of offsets 0..n-1 of a drafted block, scaled to mean 1 (so
+    the loss keeps the uniform one's scale).
+
+    'uniform': 1. 'geometric': ratio^j. 'streak' (D-PACE; SpecDiff-2's streak distillation):
+    w_j = sum_{m >= j} prod_{i <= m} a_i with a the smoothed per-offset acceptance of the
+    current student (acceptance_g, an EMA kept in the train state; negative = not measured
+    yet, then uniform): offset j's token adds to the accepted length of every streak that
+    reaches past it, and the streak reaches m with probability prod_{i <= m} a_i. It carries no
+    gradient.
+    """
+    if kind not in POSITION_WEIGHTS:
+        raise ValueError(f"unknown position weights {kind!r}: choose one of "
+                         f"{', '.join(POSITION_WEIGHTS)} (config field loss.position_weights)")
+    j = jnp.arange(n_offsets, dtype=jnp.float32)
+    if kind == "uniform":
+        return jnp.ones((n_offsets,), jnp.float32)
+    if kind == "geometric":
+        w = jnp.asarray(ratio, jnp.float32) ** j
+    else:
+        a = jnp.clip(jax.lax.stop_gradient(acceptance_g), STREAK_ALPHA_FLOOR, 1.0)
+        w = jnp.cumsum(jnp.cumprod(a)[::-1])[::-1]
+        w = jnp.where(jnp.any(acceptance_g < 0), 1.0, w)
+    return w / jnp.mean(w)
 
 
 def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                  teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *, kind: str = "kl",
                  temperature: float = 1.0, chunk_size: int = 256, beta: float = 0.5,
-                 chunk_axis: str = "sequence", vocab_tile: int = chunked_head.VOCAB_TILE
-                 ) -> tuple[jax.Array, jax.Array]:
-    """(sum over loss positions of the divergence, number of loss positions), both float32 [].
+                 lk_decay: float = 1.0, chunk_axis: str = "sequence",
+                 vocab_tile: int = chunked_head.VOCAB_TILE, weights_bl: jax.Array | None = None,
+                 offsets_bl: jax.Array | None = None, n_offsets: int = 0,
+                 vocab_bias_v: jax.Array | None = None):
+    """(sum over loss positions of weight * divergence, number of loss positions), both
+    float32 []; with n_offsets > 0 also the student's acceptance alpha summed by offset
+    (float32 [n_offsets], no gradient; offsets_bl int [B, L], -1 = none).
 
     hidden_bld [B, L, D] final hidden states (after ln_f, any float dtype); head_dv [D, V];
-    teacher_ids_blk / teacher_logprobs_blk [B, L, K]; loss_mask_bl bool [B, L].
+    teacher_ids_blk / teacher_logprobs_blk [B, L, K]; loss_mask_bl bool [B, L]; weights_bl
+    float [B, L] position weights (default 1; no gradient); vocab_bias_v [V] added to the
+    student's logits (-inf outside a sub-vocabulary, see `intersection_bias`).
     The mean loss is sum / count, with both summed over the global batch first. chunk_axis
     "sequence" cuts the LM head into chunks of `chunk_size` positions (adding the head gradient
     in tiles of `vocab_tile` columns), "vocab" into tiles of `vocab_tile` (`chunked_head`).
     """
-    div.check_kind(kind, beta)
+    div.check_kind(kind, beta, lk_decay)
     count = jnp.sum(loss_mask_bl).astype(jnp.float32)
+    weights_bl = (jnp.ones(loss_mask_bl.shape, jnp.float32) if weights_bl is None
+                  else jax.lax.stop_gradient(weights_bl.astype(jnp.float32)))
+    offsets_bl = (jnp.full(loss_mask_bl.shape, -1, jnp.int32) if offsets_bl is None
+                  else offsets_bl)
     if chunk_axis == "sequence":
-        total = chunked_head.sequence_loss(
+        opts = chunked_head.LossOpts(kind, float(temperature), float(beta), float(lk_decay),
+                                     int(chunk_size), int(vocab_tile), int(n_offsets))
+        total, alpha_g = chunked_head.sequence_loss(
             hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, loss_mask_bl,
-            (kind, float(temperature), float(beta), int(chunk_size), int(vocab_tile)))
-        return total, count
-    if chunk_axis != "vocab":
+            weights_bl, offsets_bl, vocab_bias_v, opts)
+    elif chunk_axis == "vocab":
+        stats = chunked_head.vocab_tiled_stats(
+            hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk > div.NEG_INF,
+            temperature=temperature, vocab_tile=vocab_tile, with_top1=False, bias_v=vocab_bias_v)
+        logp, logq = div.bucket_logprobs_from_stats(stats, teacher_logprobs_blk, temperature)
+        total, alpha_g = _weighted_sums(logp, logq, loss_mask_bl, weights_bl, offsets_bl,
+                                        kind, beta, lk_decay, n_offsets)
+    else:
         raise ValueError(f"unknown chunk axis {chunk_axis!r}: choose one of "
                          f"{', '.join(CHUNK_AXES)} (config field loss.chunk_axis)")
-    stats = chunked_head.vocab_tiled_stats(
-        hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk > div.NEG_INF,
-        temperature=temperature, vocab_tile=vocab_tile, with_top1=False)
-    logp, logq = div.bucket_logprobs_from_stats(stats, teacher_logprobs_blk, temperature)
-    per_position = div.divergence(logp, logq, kind, beta)
-    return jnp.sum(jnp.where(loss_mask_bl, per_position, 0.0)), count
+    return (total, count, alpha_g) if n_offsets else (total, count)
+
+
+def _weighted_sums(logp, logq, mask_bl, weights_bl, offsets_bl, kind, beta, lk_decay,
+                   n_offsets):
+    """(sum of weight * divergence over the mask, acceptance sums by offset) of bucket
+    log-probs [B, L, K+1]."""
+    per_position = div.divergence(logp, logq, kind, beta, lk_decay)
+    alpha = jnp.where(mask_bl, jnp.exp(div.log_acceptance(logp, logq)), 0.0)
+    return (jnp.sum(jnp.where(mask_bl, weights_bl * per_position, 0.0)),
+            jax.lax.stop_gradient(chunked_head.offset_sums(
+                alpha.reshape(-1), offsets_bl.reshape(-1), n_offsets)))
 
 
 def dense_distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
                        teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, *,
-                       kind: str = "kl", temperature: float = 1.0, beta: float = 0.5
-                       ) -> tuple[jax.Array, jax.Array]:
+                       kind: str = "kl", temperature: float = 1.0, beta: float = 0.5,
+                       lk_decay: float = 1.0, weights_bl: jax.Array | None = None,
+                       vocab_bias_v: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`distill_loss` with the full [B, L, V] logits in memory: the yardstick that the tests and
     bench/loss_memory.py compare the chunked version against (values, gradients, memory)."""
     logits_blv = jnp.einsum("bld,dv->blv", hidden_bld, head_dv,
                             preferred_element_type=jnp.float32)
+    if vocab_bias_v is not None:
+        logits_blv = logits_blv + vocab_bias_v
     logp, logq = div.bucket_logprobs(logits_blv, teacher_ids_blk, teacher_logprobs_blk,
                                      temperature)
-    per_position = div.divergence(logp, logq, kind, beta)
-    return (jnp.sum(jnp.where(loss_mask_bl, per_position, 0.0)),
-            jnp.sum(loss_mask_bl).astype(jnp.float32))
+    weights_bl = jnp.ones(loss_mask_bl.shape) if weights_bl is None else weights_bl
+    total, _ = _weighted_sums(logp, logq, loss_mask_bl, weights_bl,
+                              jnp.full(loss_mask_bl.shape, -1), kind, beta, lk_decay, 0)
+    return total, jnp.sum(loss_mask_bl).astype(jnp.float32)
+
+
+def intersection_bias(student_tokenizer: str, teacher_tokenizer: str | None, vocab_size: int,
+                      mask_token_id: int) -> jax.Array | None:
+    """float32 [V]: 0 on the student ids `speculate --strategy tli` may draft, -inf elsewhere
+    (None when the tokenizers are the same: nothing to restrict).
+
+    TLI drafts from the student's distribution restricted to the ids whose bytes are also one
+    teacher token (and never the mask token), renormalised: softmax(z + bias). Training with
+    this bias (config field loss.intersection_vocab) fits exactly that distribution, so its
+    acceptance alpha = sum min(p, q_I) is the one verification sees; without it the student also
+    spends mass off the intersection that TLI throws away at drafting. The map is the one
+    `preprocess` aligned the records with (data_pipeline.alignment, via speculate's
+    VocabBridge), so every stored teacher id is inside it, and teacher mass outside it stays the
+    tail bucket as before (the tail's student side becomes the intersection minus S).
+    """
+    if not teacher_tokenizer:
+        return None
+    from llada_jax.eval.vocab_bridge import VocabBridge
+
+    allowed = VocabBridge(student_tokenizer, teacher_tokenizer, "tli",
+                          student_vocab_size=vocab_size, teacher_vocab_size=2 ** 62,
+                          mask_token_id=mask_token_id).allowed
+    return jnp.where(jnp.asarray(allowed), 0.0, -jnp.inf).astype(jnp.float32)

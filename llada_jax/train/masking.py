@@ -9,12 +9,15 @@ static) and deterministic given the PRNG key.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from data_pipeline.batch import Batch
 
-MODES = ("original", "masked_only", "full", "prefix_block")
+DIFFUSION_MODES = ("original", "masked_only", "full", "prefix_block")  # `diffusion_mask`
+MODES = DIFFUSION_MODES + ("draft_blocks",)  # config field loss.mask_mode; the last: `draft_blocks`
 
 
 def response_mask(batch: Batch) -> jax.Array:
@@ -57,7 +60,10 @@ def diffusion_mask(rng: jax.Array, batch: Batch, *, mask_token_id: int, mode: st
     'prefix_block': a visible response prefix of length ~ U{0, .., n - 1} per segment (n = its
       response length), the rest masked (how a drafter is used); loss on masked positions.
     """
-    if mode not in MODES:
+    if mode == "draft_blocks":
+        raise ValueError("mask mode draft_blocks changes the attention segments: use "
+                         "`draft_blocks` (train_step does)")
+    if mode not in DIFFUSION_MODES:
         raise ValueError(f"unknown mask mode {mode!r}: choose one of {', '.join(MODES)} "
                          "(config field loss.mask_mode)")
     response = response_mask(batch)
@@ -118,3 +124,43 @@ def drafting_batch(batch: Batch, rng_or_cuts, gamma: int, *, mask_token_id: int
     scored = masked & (offset < gamma) & batch["target_mask"]
     noisy = jnp.where(masked, jnp.int32(mask_token_id), batch["tokens"].astype(jnp.int32))
     return noisy, jnp.where(scored, offset, -1).astype(jnp.int32)
+
+
+class DraftBlocks(NamedTuple):
+    """One training row laid out the way `speculate` drafts (see `draft_blocks`)."""
+    noisy: jax.Array        # int32 [B, L] tokens with the block and its trailing run masked
+    loss_mask: jax.Array    # bool [B, L] the block's positions that have a target
+    offset: jax.Array       # int32 [B, L] offset within the block (0..gamma-1), -1 elsewhere
+    segment_ids: jax.Array  # int32 [B, L] the batch's, 0 (hidden padding) after the trailing run
+
+
+def draft_blocks(rng: jax.Array, batch: Batch, *, mask_token_id: int, gamma: int,
+                 gamma_max: int = 0, trailing: int = 4) -> DraftBlocks:
+    """Each packed segment becomes one drafting step of `speculate`: the prompt and a verified
+    response prefix of length c ~ U{0, .., n - 1} are visible, the next gamma positions (gamma
+    per segment ~ U{gamma, .., gamma_max} when gamma_max > gamma) are masked and scored, then
+    `trailing` more masks (speculate's --trailing-masks run, never scored), and the rest of the
+    response is hidden from attention (segment id 0, as padding) because at drafting time it
+    does not exist yet.
+
+    Several blocks per row: the loader packs several examples into a row and each segment gets
+    its own cut and block. Within one segment a second block would need a second prefix: its
+    positions would see the first block's masks (or the tokens the first one hides), so it
+    would not be a drafting condition; drawing one block per segment per step and packing rows
+    keeps every block exact. Positions keep the batch's positions (hidden keys change nothing
+    else)."""
+    response = response_mask(batch)
+    segment_ids = batch["segment_ids"]
+    index, length = _response_index_and_length(segment_ids, response)
+    rng_cut, rng_gamma = jax.random.split(rng)
+    offset = index - _cut_points(rng_cut, segment_ids, length)
+    gamma_bl = jnp.full(offset.shape, gamma, jnp.int32)
+    if gamma_max > gamma:
+        u = _per_segment_uniform(rng_gamma, segment_ids)
+        gamma_bl = gamma + jnp.floor(u * (gamma_max - gamma + 1)).astype(jnp.int32)
+    masked = response & (offset >= 0) & (offset < gamma_bl + trailing)
+    scored = masked & (offset < gamma_bl) & batch["target_mask"]
+    hidden = response & (offset >= gamma_bl + trailing)
+    noisy = jnp.where(masked, jnp.int32(mask_token_id), batch["tokens"].astype(jnp.int32))
+    return DraftBlocks(noisy, scored, jnp.where(scored, offset, -1).astype(jnp.int32),
+                       jnp.where(hidden, 0, segment_ids).astype(jnp.int32))

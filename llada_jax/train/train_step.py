@@ -32,12 +32,49 @@ class TrainState:
     params: Any                # nnx.State of the model's Params (fp32 by default)
     opt_state: Any
     skipped_steps: jax.Array   # int32 [] steps whose update was not finite and was dropped
+    # float32 [gamma] smoothed acceptance of the student by drafted offset (streak position
+    # weights; -1 = not measured yet); None unless loss.position_weights is streak.
+    acceptance: Any = None
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+def init_train_state(params, optimizer: optax.GradientTransformation, n_offsets: int = 0
+                     ) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params),
-                      skipped_steps=jnp.zeros((), jnp.int32))
+                      skipped_steps=jnp.zeros((), jnp.int32),
+                      acceptance=jnp.full((n_offsets,), -1.0, jnp.float32) if n_offsets else None)
+
+
+def tracked_offsets(loss_cfg: ml_collections.ConfigDict) -> int:
+    """How many drafted offsets the train state tracks acceptance for (0: none)."""
+    if loss_cfg.position_weights != "streak":
+        return 0
+    return max(int(loss_cfg.draft_gamma), int(loss_cfg.draft_gamma_max))
+
+
+def check_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
+    """Clear errors for loss settings that do not fit together."""
+    if loss_cfg.position_weights not in loss_lib.POSITION_WEIGHTS:
+        raise ValueError(f"unknown position weights {loss_cfg.position_weights!r}: choose one of "
+                         f"{', '.join(loss_lib.POSITION_WEIGHTS)} (loss.position_weights)")
+    if loss_cfg.position_weights != "uniform" and loss_cfg.mask_mode != "draft_blocks":
+        raise ValueError(f"loss.position_weights={loss_cfg.position_weights} weights offsets in "
+                         "a drafted block: it needs loss.mask_mode=draft_blocks")
+    if loss_cfg.draft_gamma < 1 or loss_cfg.draft_trailing < 0:
+        raise ValueError("loss.draft_gamma must be >= 1 and loss.draft_trailing >= 0")
+
+
+def training_mask(rng, batch: Batch, loss_cfg: ml_collections.ConfigDict, mask_token_id: int):
+    """(noisy tokens, loss mask, offsets or None, segment ids) for this step's masking."""
+    if loss_cfg.mask_mode == "draft_blocks":
+        blocks = masking.draft_blocks(rng, batch, mask_token_id=mask_token_id,
+                                      gamma=int(loss_cfg.draft_gamma),
+                                      gamma_max=int(loss_cfg.draft_gamma_max),
+                                      trailing=int(loss_cfg.draft_trailing))
+        return blocks.noisy, blocks.loss_mask, blocks.offset, blocks.segment_ids
+    noisy, loss_mask = masking.diffusion_mask(rng, batch, mask_token_id=mask_token_id,
+                                              mode=loss_cfg.mask_mode, eps=loss_cfg.mask_eps)
+    return noisy, loss_mask, None, batch["segment_ids"]
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules) -> object:
@@ -54,16 +91,20 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules) -> object:
 
 
 def distill_sums(graphdef, params, batch: Batch, noisy_tokens_bl, loss_mask_bl,
-                 loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """(sum of per-position divergences, number of positions) for one (micro)batch."""
+                 loss_cfg: ml_collections.ConfigDict, segment_ids_bl=None, weights_bl=None,
+                 offsets_bl=None, n_offsets: int = 0, vocab_bias_v=None):
+    """(sum of per-position weighted divergences, number of positions[, acceptance sums by
+    offset when n_offsets]) for one (micro)batch."""
     model = nnx.merge(graphdef, params)
     hidden_bld = model(noisy_tokens_bl, positions_bl=batch["positions"],
-                       segment_ids_bl=batch["segment_ids"], return_hidden=True)
+                       segment_ids_bl=batch["segment_ids"] if segment_ids_bl is None
+                       else segment_ids_bl, return_hidden=True)
     return loss_lib.distill_loss(
         hidden_bld, model.lm_head_weight(), batch["teacher_ids"], batch["teacher_logprobs"],
         loss_mask_bl, kind=loss_cfg.kind, temperature=loss_cfg.temperature, beta=loss_cfg.beta,
-        chunk_axis=loss_cfg.chunk_axis, chunk_size=loss_cfg.chunk_size,
-        vocab_tile=loss_cfg.vocab_tile)
+        lk_decay=loss_cfg.lk_decay, chunk_axis=loss_cfg.chunk_axis,
+        chunk_size=loss_cfg.chunk_size, vocab_tile=loss_cfg.vocab_tile, weights_bl=weights_bl,
+        offsets_bl=offsets_bl, n_offsets=n_offsets, vocab_bias_v=vocab_bias_v)
 
 
 def _split_micro(x, n: int):
@@ -71,38 +112,50 @@ def _split_micro(x, n: int):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, mask_token_id: int
+                    config: ml_collections.ConfigDict, mask_token_id: int, vocab_bias=None
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """Returns `step(state, batch, rng) -> (state, metrics)`; metrics are (sum, count)-friendly.
 
     The divergence is normalised once, by the number of target positions of the whole global
     batch (all microbatches, all hosts), so gradient accumulation changes nothing but memory.
+    vocab_bias [V]: added to the student's logits in the loss (`loss.intersection_bias`).
+    With streak position weights the state's per-offset acceptance (an EMA, decay
+    loss.streak_ema, of this batch's mean alpha at each offset) sets the next step's weights.
     """
     accum = int(config.optim.grad_accum_steps)
+    loss_cfg = config.loss
+    check_loss_config(loss_cfg)
+    n_offsets = tracked_offsets(loss_cfg)
+    n_weighted = max(int(loss_cfg.draft_gamma), int(loss_cfg.draft_gamma_max))
 
-    def sums_and_grads(params, batch, noisy, loss_mask):
-        grad_fn = jax.value_and_grad(
-            lambda p, b, x, m: distill_sums(graphdef, p, b, x, m, config.loss), has_aux=True)
-        (loss_sum, count), grads = grad_fn(params, batch, noisy, loss_mask)
-        return loss_sum, count, grads
+    def sums_and_grads(params, batch, noisy, loss_mask, segs, weights, offsets):
+        def sums(p):
+            out = distill_sums(graphdef, p, batch, noisy, loss_mask, loss_cfg, segs, weights,
+                               offsets, n_offsets, vocab_bias)
+            return out[0], (out[1], out[2] if n_offsets else jnp.zeros((0,), jnp.float32))
+        (loss_sum, (count, alpha_g)), grads = jax.value_and_grad(sums, has_aux=True)(params)
+        return loss_sum, count, alpha_g, grads
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
-        noisy, loss_mask = masking.diffusion_mask(
-            step_rng, batch, mask_token_id=mask_token_id, mode=config.loss.mask_mode,
-            eps=config.loss.mask_eps)
+        noisy, loss_mask, offsets, segs = training_mask(step_rng, batch, loss_cfg, mask_token_id)
+        offsets = jnp.full(loss_mask.shape, -1, jnp.int32) if offsets is None else offsets
+        w_g = loss_lib.offset_weights(loss_cfg.position_weights, state.acceptance,
+                                      loss_cfg.geometric_ratio, n_weighted)
+        weights = jnp.where(offsets >= 0, w_g[jnp.maximum(offsets, 0)], 1.0)
+        xs = (batch, noisy, loss_mask, segs, weights, offsets)
         if accum == 1:
-            loss_sum, count, grad_sums = sums_and_grads(state.params, batch, noisy, loss_mask)
+            loss_sum, count, alpha_g, grad_sums = sums_and_grads(state.params, *xs)
         else:
-            micro = jax.tree.map(lambda x: _split_micro(x, accum), (batch, noisy, loss_mask))
+            micro = jax.tree.map(lambda x: _split_micro(x, accum), xs)
 
             def body(carry, xs):
-                s, c, g = sums_and_grads(state.params, *xs)
-                return jax.tree.map(jnp.add, carry, (s, c, g)), None
+                return jax.tree.map(jnp.add, carry, sums_and_grads(state.params, *xs)), None
 
             zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                     jnp.zeros((n_offsets,), jnp.float32),
                      jax.tree.map(jnp.zeros_like, state.params))
-            (loss_sum, count, grad_sums), _ = jax.lax.scan(body, zeros, micro)
+            (loss_sum, count, alpha_g, grad_sums), _ = jax.lax.scan(body, zeros, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
         grad_norm = optax.tree.norm(grads)
@@ -114,7 +167,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
             step=state.step + 1,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt_state, state.opt_state),
-            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+            acceptance=None if not n_offsets else _smoothed_acceptance(
+                state.acceptance, alpha_g, offsets, loss_mask, float(loss_cfg.streak_ema)))
         metrics = {
             "loss_sum": loss_sum, "loss_count": count, "grad_norm": grad_norm,
             "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
@@ -123,6 +178,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         return new_state, metrics
 
     return step
+
+
+def _smoothed_acceptance(ema_g, alpha_sums_g, offsets_bl, loss_mask_bl, decay: float):
+    """EMA of this batch's mean acceptance per offset (offsets this batch did not reach keep
+    their value; the first measurement replaces the -1 start)."""
+    counts_g = jnp.zeros(ema_g.shape, jnp.float32).at[
+        jnp.where(loss_mask_bl, offsets_bl, -1).reshape(-1)].add(1.0, mode="drop")
+    mean_g = alpha_sums_g / jnp.maximum(counts_g, 1.0)
+    new = jnp.where(ema_g < 0, mean_g, decay * ema_g + (1.0 - decay) * mean_g)
+    return jnp.where(counts_g > 0, new, ema_g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,29 +203,35 @@ class JittedStep:
     replicated: jax.sharding.NamedSharding
     model_cfg: ModelConfig
     mesh: jax.sharding.Mesh
+    n_offsets: int = 0             # the state's tracked acceptance offsets (streak weights)
 
     def random_state(self, seed: int) -> TrainState:
         """A freshly initialised state (random params), made sharded in place on the mesh."""
         def init():
             model = LLaDAModel(self.model_cfg, rngs=nnx.Rngs(seed))
-            return init_train_state(nnx.state(model, nnx.Param), self.optimizer)
+            return init_train_state(nnx.state(model, nnx.Param), self.optimizer,
+                                    self.n_offsets)
 
         with jax.set_mesh(self.mesh):
             return jax.jit(init, out_shardings=self.state_sharding)()
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                   mesh: jax.sharding.Mesh, rules: sharding.Rules, total_steps: int) -> JittedStep:
+                   mesh: jax.sharding.Mesh, rules: sharding.Rules, total_steps: int,
+                   vocab_bias=None) -> JittedStep:
     """Builds the state abstractly (no allocation), its shardings, and the jitted step."""
     abstract_model = nnx.eval_shape(lambda: LLaDAModel(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     optimizer = optim.make_optimizer(config.optim, total_steps)
-    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params)
+    n_offsets = tracked_offsets(config.loss)
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, n_offsets),
+                                    abstract_params)
     state_sharding = state_shardings(abstract_state, mesh, rules)
     batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(rules))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id),
+    step = jax.jit(make_train_step(graphdef, optimizer, config, model_cfg.mask_token_id,
+                                   vocab_bias),
                    in_shardings=(state_sharding, batch_sharding, replicated),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
     return JittedStep(step, graphdef, optimizer, abstract_state, state_sharding, batch_sharding,
-                      replicated, model_cfg, mesh)
+                      replicated, model_cfg, mesh, n_offsets)

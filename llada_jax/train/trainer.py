@@ -26,6 +26,7 @@ from llada_jax.checkpoints import TrainCheckpointer
 from llada_jax import sharding
 from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
+from llada_jax.train import loss as loss_lib
 from llada_jax.train import optim
 from llada_jax.train import train_step
 from llada_jax.model.config import ModelConfig
@@ -131,8 +132,13 @@ class Trainer:
             raise ConfigError(f"{config.data.dir}: split 'train' is empty; nothing to train on")
         self.total_steps = estimate_total_steps(config, train_tokens)
         self.schedule = optim.learning_rate_schedule(config.optim, self.total_steps)
+        vocab_bias = None
+        if config.loss.intersection_vocab:
+            vocab_bias = loss_lib.intersection_bias(
+                self.meta.options["student_tokenizer"], self.meta.options["teacher_tokenizer"],
+                self.model_cfg.vocab_size, mask_id)
         jitted = train_step.jit_train_step(config, self.model_cfg, self.mesh, self.rules,
-                                           self.total_steps)
+                                           self.total_steps, vocab_bias)
         self.jitted = jitted
         self.step_fn, self.graphdef, self.optimizer = jitted.step, jitted.graphdef, jitted.optimizer
         self.abstract_state, self.state_sharding = jitted.abstract_state, jitted.state_sharding
@@ -147,7 +153,8 @@ class Trainer:
             return self.jitted.random_state(m.init_seed)
         _, model = checkpoints.load_params(m.init, mesh=self.mesh, rules=self.rules,
                                              dtype=self.model_cfg.param_dtype)
-        return jax.jit(lambda p: train_step.init_train_state(p, self.optimizer),
+        return jax.jit(lambda p: train_step.init_train_state(p, self.optimizer,
+                                                             self.jitted.n_offsets),
                        out_shardings=self.state_sharding)(nnx.state(model, nnx.Param))
 
     def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):

@@ -214,6 +214,9 @@ class _Decoded:
     def __len__(self) -> int:
         return len(self.source)
 
+    def __iter__(self):  # the sequence protocol would index past the end (array_record raises)
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, index: int) -> dict:
         example = dict(self.source[index])
         example["teacher_ids"], example["teacher_logprobs"] = codec.decode(

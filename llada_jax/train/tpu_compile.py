@@ -144,7 +144,7 @@ def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[st
     appended to a donated [batch_size, max_length] cache) for TARGETS[target]."""
     mesh = sharding.make_mesh(mesh_sizes, topology_devices(target))
     graphdef, state = nnx.split(params.abstract_model(model_cfg))
-    nnx.replace_by_pure_dict(state, with_shardings(nnx.to_pure_dict(state), nnx.to_pure_dict(
+    nnx.replace_by_pure_dict(state, sharding.with_shardings(nnx.to_pure_dict(state), nnx.to_pure_dict(
             sharding.param_shardings(state, mesh, rules))))
     tokens = jax.ShapeDtypeStruct((batch_size, tokens_per_step), jnp.int32)
     with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):

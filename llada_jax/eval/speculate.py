@@ -112,7 +112,6 @@ class CachedVerifier:
             first = np.concatenate([first, logits])
         self.cached, self.rows_start, self.rows = context + draft, common, first
         return first[len(suffix):]
-        return rows[len(suffix):]
 
 
 @dataclasses.dataclass(frozen=True)

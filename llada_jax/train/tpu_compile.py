@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.experimental import topologies
@@ -151,7 +152,7 @@ def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[st
         cache = jax.eval_shape(lambda: init_cache(model_cfg, batch_size, max_length))
         cache_spec = sharding.spec_for(cache.k.shape, CACHE_AXES, mesh, rules, strict=False)
         row_spec = sharding.spec_for((batch_size,), ("batch",), mesh, rules, strict=False)
-        cache = with_shardings(cache, type(cache)(*(jax.NamedSharding(mesh, s) for s in
+        cache = sharding.with_shardings(cache, type(cache)(*(jax.NamedSharding(mesh, s) for s in
                                                     (cache_spec, cache_spec, row_spec, row_spec))))
         lowered = decode.extend_step.lower(graphdef, state, cache, tokens, all_logits=True)
     return _compile_report(lowered, target, mesh)

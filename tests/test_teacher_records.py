@@ -34,10 +34,12 @@ def setup(tmp_path_factory):
     assert cli.main(["preprocess", "--input", str(root / "t.jsonl"), "--out", str(root / "json_route"),
                      "--student-tokenizer", str(student), "--teacher-tokenizer", str(hf_dir),
                      "--teacher-vocab-size", str(len(tok)), "--max-length", str(MAX_LENGTH),
-                     "--top-k", str(TOP_K), "--workers", "1"]) == 0
+                     "--top-k", str(TOP_K), "--workers", "1", "--record-format", "1"]) == 0
     # ... and the direct one.
+    # Format 1 (float32 log-probs) on both routes: format 2's per-position quantisation grid
+    # would turn the JSON's 5-decimal rounding into whole grid steps.
     records_args = [*common, "--student-tokenizer", str(student), "--top-k", str(TOP_K),
-                    "--max-length", str(MAX_LENGTH)]
+                    "--max-length", str(MAX_LENGTH), "--record-format", "1"]
     assert cli.main([*records_args, "--records", str(root / "direct")]) == 0
     return root, records_args
 

@@ -337,6 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write the training dataset (as preprocess does) instead of JSON")
     parser.add_argument("--student-tokenizer", help="--records: the student tokenizer (as preprocess)")
     parser.add_argument("--top-k", type=int, default=64, help="--records: teacher log-probs kept")
+    parser.add_argument("--record-format", type=int, choices=(1, 2), default=2,
+                        help="--records: 2 (default) quantised log-probs, 1 float32 (as preprocess)")
     parser.add_argument("--max-length", type=int, default=4096,
                         help="--records: max student tokens per example")
     parser.add_argument("--validation-fraction", type=float, default=0.05)

@@ -102,7 +102,8 @@ def run(args, sampling: gen.Sampling, mesh) -> int:
     model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
     teacher_tokenizer = args.tokenizer or args.teacher
     opts = Options(args.student_tokenizer, str(teacher_tokenizer), args.max_length, args.top_k,
-                   model.cfg.vocab_size, validation_fraction=args.validation_fraction)
+                   model.cfg.vocab_size, validation_fraction=args.validation_fraction,
+                   record_format=args.record_format)
     try:
         report = write_teacher_dataset(
                 model, tokenizer, list(gen.read_prompts(args.prompts)), args.records, opts, sampling,

@@ -107,14 +107,10 @@ def speed(args) -> None:
 # ----------------------------------------------------------------------------- plan
 
 def llama_70b_config():
+    """Llama-3.3-70B-Instruct's published config.json, bf16 weights and compute."""
     from llada_jax.model.config import ModelConfig
-    from llada_jax.model.rope import RopeScaling
-    return ModelConfig(
-        d_model=8192, n_heads=64, n_kv_heads=8, n_layers=80, mlp_hidden_size=28672,
-        vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_sequence_length=131072,
-        mask_token_id=None, eos_token_id=(128001, 128008, 128009), pad_token_id=None,
-        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), model_type="llama",
-        causal=True, param_dtype="bfloat16", dtype="bfloat16")
+    from llada_jax.model.llama_config import LLAMA_3_3_70B
+    return ModelConfig.from_hf_config(LLAMA_3_3_70B, param_dtype="bfloat16", dtype="bfloat16")
 
 
 def plan(args) -> None:

@@ -212,7 +212,7 @@ def report(args, results: dict) -> None:
           "D*V + 12 * layers * B * L^2 * D (the loss needs no logits at prompt positions)")
     peak = max(results["ours"]["matmul_peak_gflops"]) if "ours" in results else None
     if peak:
-        print(f"jnp fp32 matmul peak (2048^3, best of 5) measured before/after our steps: "
+        print("jnp fp32 matmul peak (2048^3, best of 5) measured before/after our steps: "
               + ", ".join(f"{g:.1f}" for g in results["ours"]["matmul_peak_gflops"])
               + f" GFLOP/s; MFU uses the higher, {peak:.1f}")
     rate = {}

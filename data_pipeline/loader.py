@@ -90,17 +90,26 @@ def read_metadata(data_dir: str) -> DatasetMeta:
                        int(m.get("record_format", 1)))
 
 
+def shard_problem(batch_size: int, num_shards: int, num_processes: int) -> str | None:
+    """Why `num_shards` data shards (0: one per process) cannot feed `num_processes` processes
+    with global batches of `batch_size` rows, or None. The one check, used at config load
+    (train/config.validate) and here."""
+    num_shards = num_shards or num_processes
+    if num_shards % num_processes or batch_size % num_shards:
+        return (f"data.num_shards={num_shards} must be a multiple of the {num_processes} "
+                f"processes and divide data.global_batch_size={batch_size}")
+    return None
+
+
 def host_shards(batch_size: int, num_shards: int | None = None) -> tuple[int, range]:
     """(number of data shards, the ones this process reads): `num_shards` (default one per
     process) split evenly over the processes; each shard gives batch_size / num_shards rows of
     every global batch (make_loader's shard_index / shard_count)."""
     import jax
 
+    if problem := shard_problem(batch_size, num_shards or 0, jax.process_count()):
+        raise DataError(problem)
     num_shards = num_shards or jax.process_count()
-    if num_shards % jax.process_count() or batch_size % num_shards:
-        raise DataError(f"data.num_shards={num_shards} must be a multiple of the "
-                         f"{jax.process_count()} processes and divide "
-                         f"data.global_batch_size={batch_size}")
     per_host = num_shards // jax.process_count()
     return num_shards, range(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
 

@@ -7,7 +7,7 @@ each message names the file, flag or config field and what to do about it.
 from data_pipeline.errors import DataError, UserError
 
 __all__ = ["UserError", "DataError", "ConfigError", "ShardingError", "CheckpointError",
-           "ConversionError", "GenerateError"]
+           "ConversionError", "GenerateError", "SpeculateError"]
 
 
 class ConfigError(UserError):
@@ -28,3 +28,7 @@ class ConversionError(CheckpointError):
 
 class GenerateError(UserError):
     """Bad input to generate-teacher (prompt file, checkpoint, options), with what to change."""
+
+
+class SpeculateError(UserError):
+    """Bad input to speculate (checkpoints, tokenizers, options), with what to change."""

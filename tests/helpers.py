@@ -6,15 +6,18 @@ Test modules import from here (never from each other), so each helper has one ho
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
 import pathlib
+import socket
 
 import jax
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_pipeline import records
 from data_pipeline.toy_tokenizers import save_toy_tokenizers
 from llada_jax.train import divergences
 
@@ -297,3 +300,34 @@ def packed_batch(rng, rows, seq, segments):
 
 
 SEGMENTS = [(3, 5), (2, 9), (4, 1), (1, 6)]
+
+
+def all_examples(out) -> dict:
+    """example_id -> (split, example) over every split of a written dataset."""
+    got = {}
+    for split in records.SPLITS:
+        src = records.open_split(out, split)
+        for i in range(len(src)):
+            ex = src[i]
+            got[ex["example_id"]] = (split, ex)
+    return got
+
+
+def write_csv(path, records, header=("prompt", "response", "logits_data")):
+    """The original generator's CSV (prompt, response, logits_data = JSON of `logits`)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in records:
+            if isinstance(r, list):
+                w.writerow(r)  # a raw row, as given
+            else:
+                w.writerow([r["prompt"], r["response"], json.dumps(r["logits"])])
+    return str(path)
+
+
+def free_port() -> int:
+    """A free localhost TCP port (for jax.distributed coordinators)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,9 +11,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
-from tests.helpers import TEXTS, make_tokenizers, teacher_record, write_json
-from tests.test_data_csv import write_csv
-from tests.test_data_records import _all_examples
+from tests.helpers import TEXTS, all_examples, make_tokenizers, teacher_record, write_csv, write_json
 
 COUNTED = ("read", "written", "written_per_split", "skipped", "first_skip", "repaired",
            "coverage", "response_tokens", "target_positions")
@@ -42,7 +40,7 @@ def test_beam_route_equals_local_route(tmp_path):
         assert beam[key] == local[key], key
     assert beam["read"] == beam["written"] + sum(beam["skipped"].values())
     assert beam["metadata"] == local["metadata"]
-    a, b = _all_examples(str(tmp_path / "local")), _all_examples(str(tmp_path / "beam"))
+    a, b = all_examples(str(tmp_path / "local")), all_examples(str(tmp_path / "beam"))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0]  # the same split

@@ -6,12 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline import codec, records
+from data_pipeline import codec
 from data_pipeline.convert import Options
 from data_pipeline.loader import make_loader, read_metadata
 from data_pipeline.preprocess import preprocess
-from tests.helpers import make_tokenizers
-from tests.test_data_records import _all_examples
+from tests.helpers import all_examples, make_tokenizers
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dataset_v1")
 
@@ -51,7 +50,7 @@ def test_format_1_dataset_still_loads_and_matches_format_2(tmp_path):
     shutil.copytree(FIXTURE, v1)
     meta = read_metadata(v1)
     assert meta.record_format == 1 and meta.top_k == 8
-    old = _all_examples(v1)
+    old = all_examples(v1)
     assert len(old) == 6
     batch = next(make_loader(v1, "train", batch_size=2, seq_len=96, shard_index=0,
                              shard_count=1, num_epochs=1))
@@ -64,7 +63,7 @@ def test_format_1_dataset_still_loads_and_matches_format_2(tmp_path):
         out = str(tmp_path / f"new{fmt}")
         preprocess([seed], out, Options(sdir, tdir, 96, 8, None, "skip", 0.3, record_format=fmt))
         assert read_metadata(out).record_format == fmt
-        new[fmt] = _all_examples(out)
+        new[fmt] = all_examples(out)
     assert old.keys() == new[1].keys() == new[2].keys()
     for key, (split, ex) in old.items():
         for fmt in (1, 2):

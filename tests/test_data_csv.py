@@ -1,7 +1,6 @@
 """CSV inputs as the original's generator writes them (Python's csv module; columns prompt,
 response, logits_data = the JSON text of the seed format's `logits` list)."""
 
-import csv
 import json
 
 import numpy as np
@@ -11,20 +10,7 @@ from tokenizers import Tokenizer
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
 from data_pipeline.reader import iter_raw_records
-from tests.helpers import TEXTS, make_tokenizers, teacher_record, write_json
-from tests.test_data_records import _all_examples
-
-
-def write_csv(path, records, header=("prompt", "response", "logits_data")):
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in records:
-            if isinstance(r, list):
-                w.writerow(r)  # a raw row, as given
-            else:
-                w.writerow([r["prompt"], r["response"], json.dumps(r["logits"])])
-    return str(path)
+from tests.helpers import TEXTS, all_examples, make_tokenizers, teacher_record, write_csv, write_json
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def test_csv_gives_the_json_route_dataset(corpus, tmp_path):
                           opts)
     assert via_csv["written"] == via_json["written"] == 8
     assert via_csv["coverage"] == via_json["coverage"]
-    a, b = _all_examples(str(tmp_path / "csv")), _all_examples(str(tmp_path / "js"))
+    a, b = all_examples(str(tmp_path / "csv")), all_examples(str(tmp_path / "js"))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0]

@@ -12,7 +12,7 @@ from data_pipeline import records
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
 from llada_jax import cli
-from tests.helpers import TEXTS, make_tokenizers, teacher_record, toy_teacher_records, write_json
+from tests.helpers import TEXTS, all_examples, make_tokenizers, teacher_record, toy_teacher_records, write_json
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +24,6 @@ def corpus(tmp_path_factory):
     a = write_json(str(root / "a.json"), recs[:20])
     b = write_json(str(root / "b.jsonl"), recs[20:] + ["not an object"], jsonl=True)
     return root, tdir, sdir, [a, b]
-
-
-def _all_examples(out):
-    got = {}
-    for split in records.SPLITS:
-        src = records.open_split(out, split)
-        for i in range(len(src)):
-            ex = src[i]
-            got[ex["example_id"]] = (split, ex)
-    return got
 
 
 def test_cli_roundtrip_splits_and_report(corpus, tmp_path):
@@ -48,7 +38,7 @@ def test_cli_roundtrip_splits_and_report(corpus, tmp_path):
     info = records.read_info(out)
     assert {s: info.splits[s].num_examples for s in records.SPLITS} == report["written_per_split"]
     assert 0 < report["written_per_split"]["validation"] < 30
-    got = _all_examples(out)
+    got = all_examples(out)
     assert len(got) == 30
     for split, ex in got.values():
         mask = records.target_mask(ex)
@@ -67,7 +57,7 @@ def test_workers_give_identical_datasets(corpus, tmp_path):
     one = preprocess(inputs, str(tmp_path / "w1"), opts, workers=1)
     two = preprocess(inputs, str(tmp_path / "w2"), opts, workers=2, in_flight_bytes=1)
     assert one["coverage"] == two["coverage"] and one["skipped"] == two["skipped"]
-    a, b = _all_examples(str(tmp_path / "w1")), _all_examples(str(tmp_path / "w2"))
+    a, b = all_examples(str(tmp_path / "w1")), all_examples(str(tmp_path / "w2"))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][0] == b[k][0]

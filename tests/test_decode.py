@@ -11,7 +11,6 @@ import torch
 from flax import nnx
 from transformers import LlamaForCausalLM
 
-import llama_fixtures as lf
 from llada_jax import cli, sharding
 from llada_jax.model.config import ModelConfig
 from llada_jax.model.modeling import CACHE_AXES, LLaDAModel
@@ -100,11 +99,6 @@ def test_sharded_cache_matches_and_is_split_over_rows_and_heads(model):
 
 
 # ------------------------------------------------------- generate-teacher vs transformers.generate
-
-@pytest.fixture(scope="module")
-def llama_teacher(tmp_path_factory):
-    return lf.write_llama_teacher(tmp_path_factory.mktemp("llama_teacher"))
-
 
 def test_generate_teacher_equals_transformers_greedy_generate(llama_teacher, tmp_path):
     hf_dir, tok = llama_teacher

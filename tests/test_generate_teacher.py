@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from llada_jax import cli
 from llada_jax.teacher import generate as gt

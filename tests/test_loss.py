@@ -1,6 +1,5 @@
 """Sparse top-k divergences against float64 NumPy references; chunked vs dense LM-head loss."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

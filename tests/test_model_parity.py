@@ -162,7 +162,7 @@ def test_scanned_and_unscanned_layers_and_remat_policies_agree():
 def test_xla_attention_gradients_match_torch_autograd():
     """The written-out attention backward (GQA 6 query / 2 KV heads, padding keys, one query row
     with every key hidden) against torch autograd of the plain formula, fp32."""
-    from llada_jax.model.modeling import xla_attention
+    from llada_jax.model.attention import xla_attention
 
     rng = np.random.default_rng(3)
     b, length, n_heads, n_kv, head_dim = 2, 7, 6, 2, 8

@@ -4,21 +4,14 @@ both processes restore in both."""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, final_params, make_dataset
+from tests.helpers import ROOT, final_params, free_port, make_dataset
 
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmd(data_dir, workdir, *extra):

@@ -14,11 +14,10 @@ import pytest
 from flax import nnx
 import torch
 from scipy import stats
-from test_decode import llama_teacher  # noqa: F401  (fixture: an HF LLaMA dir + its tokenizer)
 from transformers import LlamaForCausalLM
 
 from llada_jax.demo import ASSETS
-from llada_jax.eval import rejection, speculate as sp
+from llada_jax.eval import rejection, speculate as sp, verify
 from llada_jax.eval.draft import Drafter
 from llada_jax.eval.vocab_bridge import VocabBridge
 from llada_jax.model.modeling import LLaDAModel
@@ -74,7 +73,7 @@ def _run(teacher, kind, strategy, gamma, steps=1, decoding=sp.Decoding(MAX_NEW),
                          mask_token_id=student.cfg.mask_token_id)
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps, trailing_masks=3,
                       temperature=0.0 if decoding.greedy else decoding.temperature)
-    target = sp.make_verifier(verifier, teacher, max(map(len, map(bridge.teacher_prompt, PROMPTS))),
+    target = verify.make_verifier(verifier, teacher, max(map(len, map(bridge.teacher_prompt, PROMPTS))),
                               decoding.max_new_tokens)
     return sp.run_prompts(PROMPTS, drafter, target, bridge, decoding,
                           bridge.stop_ids(teacher.cfg.eos_token_id), seed), bridge
@@ -124,7 +123,7 @@ def _first_token_counts(teacher, strategy, gamma, steps, n):
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps, temperature=1.0)
-    verifier = sp.RecomputeVerifier(teacher)
+    verifier = verify.RecomputeVerifier(teacher)
     decoding = sp.Decoding(max_new_tokens=2, greedy=False, temperature=1.0)
     stop = bridge.stop_ids(teacher.cfg.eos_token_id)
     first = [sp.speculate_prompt(PROMPTS[0], drafter, verifier, bridge, decoding, stop,

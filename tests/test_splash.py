@@ -14,7 +14,8 @@ from llada_jax import sharding
 
 from llada_jax.model import splash
 from llada_jax.model.config import ModelConfig
-from llada_jax.model.modeling import LLaDAModel, visibility_mask, xla_attention
+from llada_jax.model.attention import xla_attention
+from llada_jax.model.modeling import LLaDAModel, visibility_mask
 
 # L = 384: three 128-tiles per axis, so the kernel's block skipping (causal, segments) is used.
 B, L, N, K, HD = 2, 384, 4, 2, 32

@@ -12,7 +12,7 @@ import pytest
 import llama_fixtures as lf
 from data_pipeline import records, toy_tokenizers
 from llada_jax import cli
-from tests.test_multihost import free_port
+from tests.helpers import free_port
 
 PROMPTS = ["the cat sat", "a quick brown fox jumps over", "dog", "the lazy dog near the",
            "on the mat and", "river"]

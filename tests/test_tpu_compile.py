@@ -105,3 +105,17 @@ def test_cached_decode_step_updates_the_cache_in_place():
         assert report.alias_bytes >= cache and report.fits
     grown = reports[1].temp_bytes - reports[0].temp_bytes
     assert grown < 0.1 * (reports[1].alias_bytes - reports[0].alias_bytes), grown
+
+
+def test_decode_step_out_of_hbm_is_reported_as_such():
+    """A 70B-shaped teacher's cache at 400 rows x 4096 slots does not fit v6e-16's 32 GiB per
+    chip: the compiler refuses it (its "HLO temporaries exceed available HBM" message), which
+    the decode-plan search reads as "does not fit" (tpu_compile.OutOfHbm), not as a crash."""
+    from llada_jax.model.config import ModelConfig
+    from llada_jax.model.llama_config import LLAMA_3_3_70B
+
+    cfg = ModelConfig.from_hf_config(LLAMA_3_3_70B, param_dtype="bfloat16", dtype="bfloat16")
+    with pytest.raises(tpu_compile.OutOfHbm, match=r"needs \S+ of 31.25G HBM"):
+        tpu_compile.compile_decode_step(cfg, "v6e-16",
+                                        {"data": 1, "fsdp": 4, "tensor": 4}, batch_size=400,
+                                        max_length=4096)

@@ -10,9 +10,8 @@ prefix plus one teacher token (`rejection`). The output is the teacher's own law
 own greedy text, token for token). Each prompt is also decoded by the teacher alone, in the same
 run with the same verifier, for the wall-clock comparison (and, greedy, an equality check).
 
-The teacher verifies with a KV cache (`CachedVerifier`: appends what is new, rolls rejected
-draft tokens back), or `--verifier recompute` reruns it over the whole sequence at every call;
-both are `score(context, draft) -> logits [len(draft) + 1, V]` with a `calls` counter.
+The teacher verifies with a KV cache (`verify.CachedVerifier`), or `--verifier recompute` reruns
+it over the whole sequence at every call (`verify.RecomputeVerifier`).
 """
 
 from __future__ import annotations
@@ -24,94 +23,13 @@ import pathlib
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from llada_jax.errors import UserError
+from llada_jax.errors import SpeculateError
 from llada_jax.eval import rejection
-from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, Drafter, block_logits, bucket
-from llada_jax.teacher.generate import PROMPT_BUCKET
+from llada_jax.eval.draft import Drafter
+from llada_jax.eval.verify import VERIFIERS, make_verifier
 from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
-
-
-class SpeculateError(UserError):
-    """Bad input to speculate (checkpoints, tokenizers, options), with what to change."""
-
-
-class RecomputeVerifier:
-    """The causal teacher rerun over context + draft for every call."""
-
-    def __init__(self, model):
-        if not model.cfg.causal:
-            raise SpeculateError("the teacher is not causal (config.json llada_jax.causal is "
-                                 "false): speculate verifies with a causal LM")
-        self.vocab_size = model.cfg.vocab_size
-        self.graphdef, self.state = nnx.split(model)
-        self.calls = 0
-
-    def score(self, context: list[int], draft: list[int]) -> np.ndarray:
-        """float32 [len(draft) + 1, V]: row j is the teacher's next-token logits before draft[j]
-        (the last row: after the whole draft)."""
-        ids = context + draft
-        width = bucket(len(draft) + 1, WIDTH_BUCKET)
-        length = bucket(len(context) - 1 + width, LENGTH_BUCKET)
-        tokens = np.zeros(length, np.int32)
-        tokens[:len(ids)] = ids
-        self.calls += 1
-        logits = block_logits(self.graphdef, self.state, jnp.asarray(tokens[None]), len(ids),
-                              len(context) - 1, width=width, vocab_size=self.vocab_size)
-        return np.asarray(logits)[:len(draft) + 1]
-
-
-class CachedVerifier:
-    """The causal teacher with a KV cache (`teacher.decode.CachedLM`, one row): a call appends
-    only what is new since the last one (the teacher's own token, then the draft) and rolls
-    back the draft tokens that were rejected; a context that does not continue the cached one
-    (a new prompt) is prefilled afresh.
-
-    The logits after each token of the last call are kept, so after a rollback to c tokens the
-    distribution after them is known without a call. Prompts are left-padded to `prompt_width`
-    (one prefill compile) and extends to a multiple of WIDTH_BUCKET (one extend compile); the
-    cache holds prompt_width + max_new_tokens + that padding (a draft never goes past the last
-    new token).
-    """
-
-    def __init__(self, model, prompt_width: int, max_new_tokens: int):
-        from llada_jax.teacher.decode import CachedLM
-
-        self.prompt_width = prompt_width
-        self.lm = CachedLM(model, batch_size=1,
-                           max_length=prompt_width + max_new_tokens + WIDTH_BUCKET + PROMPT_BUCKET)
-        self.cached: list[int] = []
-        self.rows_start, self.rows = 0, np.zeros((0, model.cfg.vocab_size), np.float32)
-        self.vocab_size = model.cfg.vocab_size
-        self.calls = 0
-
-    def score(self, context: list[int], draft: list[int]) -> np.ndarray:
-        """As RecomputeVerifier.score."""
-        self.calls += 1
-        common = next((i for i, (a, b) in enumerate(zip(self.cached, context)) if a != b),
-                      min(len(self.cached), len(context)))
-        if not self.rows_start <= common < self.rows_start + len(self.rows) or common == 0:
-            width = max(self.prompt_width, bucket(len(context), PROMPT_BUCKET))
-            tokens = np.zeros((1, width), np.int32)
-            tokens[0, width - len(context):] = context
-            first = np.asarray(self.lm.prefill(tokens, [width - len(context)]))
-            common, suffix = len(context), []
-        else:
-            if common < len(self.cached):
-                self.lm.rollback([common])
-            first, suffix = self.rows[common - self.rows_start][None], context[common:]
-        new = suffix + draft
-        if new:  # padded to a bucket (one compile for every draft length), padding rolled back
-            tokens = np.zeros((1, bucket(len(new), WIDTH_BUCKET)), np.int32)
-            tokens[0, :len(new)] = new
-            logits = np.asarray(self.lm.extend(tokens))[0, :len(new)]
-            self.lm.rollback([len(context) + len(draft)])
-            first = np.concatenate([first, logits])
-        self.cached, self.rows_start, self.rows = context + draft, common, first
-        return first[len(suffix):]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,13 +244,6 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                        bridge, decoding, stop_ids, seed)
 
 
-def make_verifier(kind: str, teacher, longest_prompt: int, max_new_tokens: int):
-    """"cached" (KV cache sized for these prompts) or "recompute"."""
-    if kind == "cached":
-        return CachedVerifier(teacher, bucket(longest_prompt, PROMPT_BUCKET), max_new_tokens)
-    return RecomputeVerifier(teacher)
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """`eval --teacher`: the measured tokens per target call beside the α-predicted E(γ)."""
     group = parser.add_argument_group("measured speculative decoding (optional)")
@@ -372,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trailing-masks", type=int, default=4,
                         help="masks after the block (never filled): text goes on")
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
-    parser.add_argument("--verifier", choices=("cached", "recompute"), default="cached",
+    parser.add_argument("--verifier", choices=VERIFIERS, default="cached",
                         help="teacher with a KV cache, or rerun over the whole sequence per call")
     parser.add_argument("--greedy", action="store_true", help="greedy teacher (the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample the teacher")

@@ -28,7 +28,7 @@ from llada_jax.model import llama_config
 from llada_jax.model.rope import RopeScaling
 
 # Param and compute dtypes by config name (the remat and attention choices are the keys of
-# modeling.REMAT_POLICIES and modeling.ATTENTION_IMPLS).
+# modeling.REMAT_POLICIES and attention.ATTENTION_IMPLS).
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 OWN_KEY = "llada_jax"
@@ -111,7 +111,7 @@ class ModelConfig:
     remat_policy: str = "none"             # a key of modeling.REMAT_POLICIES
     param_dtype: str = "float32"
     dtype: str = "bfloat16"                # compute dtype
-    attention_impl: str = "xla"            # a key of modeling.ATTENTION_IMPLS
+    attention_impl: str = "xla"            # a key of attention.ATTENTION_IMPLS
     # The source config.json, verbatim, as sorted (key, json-encoded value) pairs (hashable).
     hf_extra: tuple[tuple[str, str], ...] = ()
 
@@ -213,10 +213,10 @@ class ModelConfig:
 
 def run_setting_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the run settings that are names (the training config checks them too)."""
-    from llada_jax.model import modeling  # imports this module; the names live with their code
+    from llada_jax.model import attention, modeling  # modeling imports this module
 
     return {"remat_policy": tuple(modeling.REMAT_POLICIES),
-            "attention_impl": tuple(modeling.ATTENTION_IMPLS),
+            "attention_impl": tuple(attention.ATTENTION_IMPLS),
             "param_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
 
 

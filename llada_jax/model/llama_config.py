@@ -93,3 +93,19 @@ def to_hf(cfg, source: dict[str, Any]) -> dict[str, Any]:
         hf["rope_theta"] = cfg.rope_theta
         hf[where] = None if scaling is None else dict(rope or {}) | scaling
     return hf
+
+
+# The published config.json of Llama-3.3-70B-Instruct (transformers 4.x form): the shape the
+# TPU decode plan compiles (bench/decode.py plan), read through fields_from_hf like any import.
+LLAMA_3_3_70B: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 8192, "initializer_range": 0.02,
+    "intermediate_size": 28672, "max_position_embeddings": 131072, "mlp_bias": False,
+    "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}

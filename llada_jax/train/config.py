@@ -27,6 +27,7 @@ import pathlib
 
 import ml_collections
 
+from data_pipeline import loader as data_loader
 from data_pipeline import records
 from llada_jax import checkpoints
 from llada_jax import sharding
@@ -355,8 +356,6 @@ def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None,
                         f"optim.grad_accum_steps={config.optim.grad_accum_steps} x the "
                         f"{math.prod(sizes[a] for a in batch_axes)} devices of the batch axes "
                         f"{batch_axes} (mesh {sizes})")
-    shards = config.data.num_shards or num_processes
-    if shards % num_processes or gbs % shards:
-        problems.append(f"data.num_shards={shards} must be a multiple of the {num_processes} "
-                        f"processes and divide data.global_batch_size={gbs}")
+    if problem := data_loader.shard_problem(gbs, config.data.num_shards, num_processes):
+        problems.append(problem)
     return problems

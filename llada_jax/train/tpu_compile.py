@@ -81,6 +81,13 @@ def topology_devices(target: str) -> list[jax.Device]:
     return list(topology.devices)
 
 
+# The TPU compiler's two out-of-HBM messages: "Used 40.1G of 31.25G hbm. Exceeded hbm capacity
+# by ..." and "the total memory required for HLO temporaries (39.97G) exceeds available HBM
+# (31.25G)".
+_OUT_OF_HBM = (re.compile(r"Used (\S+) of (\S+) hbm"),
+               re.compile(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)"))
+
+
 class OutOfHbm(RuntimeError):
     """The TPU compiler found no schedule within HBM (some steps fail this way, others compile
     and report a total above HBM)."""
@@ -162,10 +169,10 @@ def _compile_report(lowered: jax.stages.Lowered, target: str, mesh) -> CompileRe
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
-        used = re.search(r"Used (\S+) of (\S+) hbm", str(err))
+        used = next((m for pattern in _OUT_OF_HBM if (m := pattern.search(str(err)))), None)
         if used is None:
             raise
-        raise OutOfHbm(f"uses {used[1]} of {used[2]} HBM") from err
+        raise OutOfHbm(f"needs {used[1]} of {used[2]} HBM") from err
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

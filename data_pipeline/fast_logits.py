@@ -21,12 +21,13 @@ from data_pipeline.reader import FULL_LOGITS_KEY
 _PARSER = simdjson.Parser()  # reuses its buffers; one per process (workers are processes)
 
 
-def find_arrays(text: bytes) -> list[tuple[int, int]]:
-    """[start, end) byte spans from the `[` after each `"full_logits":` to the first `]` after it.
+def find_arrays(text: bytes, pos: int = 0) -> list[tuple[int, int]]:
+    """[start, end) byte spans from the `[` after each `"full_logits":` (at or after `pos`) to the
+    first `]` after it. `text`: bytes or a mapping (mmap).
 
     A span is only a candidate: the caller checks that it holds numbers alone and that it really is
     the value of a `full_logits` key (the text may sit inside a string, or be malformed)."""
-    spans, pos = [], 0
+    spans = []
     while m := FULL_LOGITS_KEY.search(text, pos):
         end = text.find(b"]", m.end())
         if end < 0:

@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import io
 import json
+import mmap
 import re
 import sys
 from collections.abc import Iterator
@@ -65,12 +66,14 @@ csv.field_size_limit(sys.maxsize)  # one full-logits row is megabytes of text
 @dataclasses.dataclass(frozen=True)
 class RawRecord:
     """One framed record: raw JSON bytes, or a framing error (`text` None, `error` set, and the
-    skip reason it counts as)."""
+    skip reason it counts as). The record is text[start:]: `start` is 0 except for a mapped
+    record (RecordSpan.map), whose `text` is a read-only mmap from the page boundary before it."""
     file: str
     index: int  # 0-based position of the record in its file
-    text: bytes | None
+    text: bytes | mmap.mmap | None
     error: str | None = None
     reason: str = "invalid_json"
+    start: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,19 @@ class RecordSpan:
         if self.csv_columns is None:
             return RawRecord(self.file, self.index, text)
         return _csv_record(self.file, self.index, text, self.csv_columns)
+
+    def map(self) -> RawRecord:
+        """read() without copying: a local JSON / JSONL record is mapped from the page cache.
+
+        Reading a 100 MB record into a fresh bytes object costs a third of its parse here (a
+        copy, and a page fault per 4 KiB of new memory); a mapping costs a tenth of that. CSV
+        rows (re-encoded by the worker) and bucket paths are read."""
+        if self.error or self.csv_columns is not None or fileio.is_remote(self.file):
+            return self.read()
+        base = self.start - self.start % mmap.ALLOCATIONGRANULARITY
+        with open(self.file, "rb") as f:
+            view = mmap.mmap(f.fileno(), self.end - base, access=mmap.ACCESS_READ, offset=base)
+        return RawRecord(self.file, self.index, view, start=self.start - base)
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:

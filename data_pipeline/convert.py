@@ -115,7 +115,7 @@ class Converter:
 
     def _convert(self, raw: RawRecord) -> Result:
         rec = parse_record(raw.text, self.reduce_full, self.id_bound, self.full_length,
-                           self.length_hint, start=raw.start)
+                           self.length_hint, start=raw.start, arrays=raw.arrays)
         return self._convert_record(raw.file, raw.index, rec)
 
     def _convert_record(self, file: str, index: int, rec: TeacherRecord) -> Result:

@@ -120,8 +120,10 @@ FullLogitsReducer = Callable[[np.ndarray], Target]
 
 def parse_record(text, reduce_full: FullLogitsReducer, vocab_size: int | None,
                  full_length: int, length_hint: str = "", fast: bool = True,
-                 start: int = 0) -> TeacherRecord:
+                 start: int = 0, arrays: tuple[tuple[int, int], ...] | None = None
+                 ) -> TeacherRecord:
     """Raw JSON bytes (the record is text[start:]; text: bytes or a mapping) -> checked record.
+    arrays: where the framer found flat `full_logits` arrays (RawRecord.arrays), if it looked.
 
     vocab_size: the teacher vocabulary size when known (bounds token ids); full_length: the
     length every `full_logits` must have (`length_hint` says why, in the error). fast=False
@@ -135,7 +137,7 @@ def parse_record(text, reduce_full: FullLogitsReducer, vocab_size: int | None,
 
     obj = _NOT_FAST
     if fast:
-        obj = _loads_fast(text, check, check_array, start)
+        obj = _loads_fast(text, check, check_array, start, arrays)
         if obj is _NOT_FAST:  # no array for fast_logits: the whole record to msgspec
             obj = _resolve_full(_decode_kept(memoryview(text)[start:]), check)
     if obj is _NOT_FAST:
@@ -181,7 +183,8 @@ def _decode_kept(text) -> object:
 _PLACEHOLDER, _PLACEHOLDER_TEXT, _NUL_ESCAPE = "\0", b'"\\u0000"', b"\\u0000"
 
 
-def _loads_fast(text, check: Callable, check_array: Callable, start: int = 0) -> object:
+def _loads_fast(text, check: Callable, check_array: Callable, start: int = 0,
+                arrays: tuple[tuple[int, int], ...] | None = None) -> object:
     """What `_loads(text[start:], check)` returns, with the number arrays of `full_logits`
     parsed by fast_logits (simdjson) one at a time, and the rest of the record (a placeholder in
     place of each array) by msgspec, or json where msgspec refuses it.
@@ -190,12 +193,13 @@ def _loads_fast(text, check: Callable, check_array: Callable, start: int = 0) ->
     the rest (so `_loads` reports the error), the text writes `\\u0000` itself, or an array was
     not the value of the `full_logits` key of a `logits` entry (e.g. the key text was inside a
     string, a key was repeated, or the key sat elsewhere)."""
-    spans = fast_logits.find_arrays(text, start)
+    flat = arrays is not None  # the framer's spans hold no brackets: no need to check again
+    spans = arrays if flat else fast_logits.find_arrays(text, start)
     if not spans or json.detect_encoding(text[start:start + 4]) != "utf-8":
         return _NOT_FAST
     pieces, parsed, pos = [], [], start
     for begin, end in spans:
-        logits = fast_logits.parse_array(text, begin, end)
+        logits = fast_logits.parse_array(text, begin, end, flat)
         if logits is not None:  # else the rest's parser reads this array
             pieces.append(text[pos:begin])
             parsed.append(check_array(logits, finite=True))  # now: one float array at a time

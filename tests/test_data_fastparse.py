@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data_pipeline import fast_logits, targets
+from data_pipeline.reader import iter_record_spans
 from data_pipeline.validate import _NOT_FAST, SkipRecord, _loads_fast, parse_record
 
 V = 6  # full_logits length in these records
@@ -166,7 +167,7 @@ def _assert_same(text: bytes, fast_expected: bool | None = None):
         assert (_loads_fast(text, check, check) is not _NOT_FAST) == fast_expected
 
 
-@pytest.mark.parametrize("text, fast", [
+ADVERSARIAL = [
     (_record(_entry(0, GOOD), _entry(1, GOOD2)), True),
     (_record(_entry(0, "[\n  1.5,\n  -2,\n  0.25,\n  30,\n  -0.5,\n  7\n]")), True),
     (json.dumps(json.loads(_record(_entry(0, GOOD))), indent=2).encode(), True),
@@ -217,7 +218,10 @@ def _assert_same(text: bytes, fast_expected: bool | None = None):
     (b"\xef\xbb\xbf" + _record(_entry(0, GOOD)), False),
     (_record(_entry(0, GOOD)).replace(b'"position": 0', b'"position": 1'), True),
     (_record(_entry(0, GOOD))[:-1] + b"] trailing", False),
-])
+]
+
+
+@pytest.mark.parametrize("text, fast", ADVERSARIAL)
 def test_adversarial_records_same_as_json(text, fast):
     _assert_same(text, fast)
 
@@ -260,11 +264,23 @@ def test_generated_records_same_as_json(fulls, data):
     _assert_same(text)
 
 
+def _mapped_outcome(raw, reduce):
+    """_outcome's summary (the logprobs of each entry) of a RawRecord parsed where it lies."""
+    try:
+        rec = parse_record(raw.text, reduce, 10, V, "(hint)", start=raw.start, arrays=raw.arrays)
+    except SkipRecord as skip:
+        return "skip", skip.reason, skip.detail
+    return "ok", [None if e.full is None else e.full.logprobs.tobytes() for e in rec.entries]
+
+
+def _reference_summary(text: bytes, reduce):
+    ref = _outcome(text, False, reduce)
+    return ref if ref[0] == "skip" else ("ok", [x[5] and x[5][1] for x in ref[3]])
+
+
 def test_mapped_record_same_as_bytes(tmp_path):
     """A record mapped from its file (text = an mmap, the record at text[start:]) parses as its
     bytes do, on the fast path and on each fallback (json's error details included)."""
-    from data_pipeline.reader import iter_record_spans
-
     texts = [_record(_entry(0, GOOD), _entry(1, GOOD2)),  # simdjson + msgspec
              _record(_entry(0, "[1, 2, 3, NaN, 5, 6]")),  # json alone
              _record(_entry(0, GOOD).replace("2.5", "NaN")),  # simdjson + json for the rest
@@ -275,14 +291,25 @@ def test_mapped_record_same_as_bytes(tmp_path):
     for span, text in zip(iter_record_spans(str(path)), texts):
         raw = span.map()
         text += b"\n"  # a JSONL record is its line
-        assert raw.start > 0 and raw.text[raw.start:] == text
+        assert raw.start > 0 and raw.text[raw.start:] == text and raw.arrays is None
         for reduce in REDUCERS:
-            try:
-                rec = parse_record(raw.text, reduce, 10, V, "(hint)", start=raw.start)
-                got = ("ok", [None if e.full is None else e.full.logprobs.tobytes()
-                              for e in rec.entries])
-            except SkipRecord as skip:
-                got = ("skip", skip.reason, skip.detail)
-            ref = _outcome(text, False, reduce)
-            assert got == (ref[:1] + ([x[5] if x[5] is None else x[5][1] for x in ref[3]],)
-                           if ref[0] == "ok" else ref)
+            assert _mapped_outcome(raw, reduce) == _reference_summary(text, reduce)
+
+
+def test_framed_arrays_same_as_json(tmp_path):
+    """The array spans the framer hands on (RecordSpan.arrays) give json's outcome on every
+    adversarial record it frames, and are used: ordinary records carry theirs."""
+    path = tmp_path / "in.json"
+    path.write_bytes(b"[" + b",\n".join(t for t, _ in ADVERSARIAL if t[:1] == b"{") + b"]")
+    framed = 0
+    for span in iter_record_spans(str(path)):
+        if span.error:  # the truncated record: the rest of the file is not read
+            break
+        raw, text = span.map(), span.read().text
+        framed += 1
+        for reduce in REDUCERS:
+            assert _mapped_outcome(raw, reduce) == _reference_summary(text, reduce), text[:300]
+    assert framed > 30
+    first = next(iter_record_spans(str(path)))
+    assert len(first.arrays) == 2 and [first.read().text[a - first.start:b - first.start]
+                                       for a, b in first.arrays] == [GOOD.encode(), GOOD2.encode()]

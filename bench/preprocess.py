@@ -8,7 +8,7 @@ subprocess; peak RSS is ru_maxrss of the main process and of its largest worker 
 run at the same time, so main + W x worker bounds the total).
 
 For each input it first measures, on the input's first record, the bare parse rate of the kept
-parsers, in CPU time (best of 5): simdjson's parse alone (its tape: every number parsed and
+parsers, in CPU time (mean of 5): simdjson's parse alone (its tape: every number parsed and
 checked, none handed over: the goal's yardstick), simdjson's parse plus `as_buffer` of every
 `full_logits` (the numbers handed over as float64, as fast_logits needs them: the comparable
 figure, since pysimdjson's as_buffer walks its tape element by element), and orjson, msgspec and
@@ -78,17 +78,18 @@ def _cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _best_cpu_seconds(parse, repeats: int) -> float:
-    best = float("inf")
+def _mean_cpu_seconds(parse, repeats: int) -> float:
+    """Mean CPU seconds of `repeats` calls after a first one (which sizes the parser's buffers):
+    a mean, like our rate over a whole run, on a host that other jobs load too."""
+    parse()
+    start = time.process_time()
     for _ in range(repeats):
-        t = time.process_time()
         parse()
-        best = min(best, time.process_time() - t)
-    return best
+    return (time.process_time() - start) / repeats
 
 
 def bare_parse_rates(text: bytes, repeats: int = 5) -> dict[str, float]:
-    """MiB/s (CPU time, best of `repeats`) of each kept parser on one record's JSON text."""
+    """MiB/s (CPU time, mean of `repeats`) of each kept parser on one record's JSON text."""
     import json
 
     import msgspec
@@ -112,7 +113,7 @@ def bare_parse_rates(text: bytes, repeats: int = 5) -> dict[str, float]:
         "msgspec": lambda: msgspec.json.decode(text),
         "json": lambda: json.loads(text),
     }
-    return {name: len(text) / 2**20 / _best_cpu_seconds(parse, 2 if name == "json" else repeats)
+    return {name: len(text) / 2**20 / _mean_cpu_seconds(parse, 1 if name == "json" else repeats)
             for name, parse in parsers.items()}
 
 
@@ -132,7 +133,7 @@ def main() -> None:
         print(f"setup: seed-format JSON arrays with full logits over V_teacher="
               f"{args.teacher_vocab} (toy byte-level BPE teacher vs '▁'-BPE student), top-k "
               f"{args.top_k}; ours with {args.workers} workers; {benchlib.load()}")
-        rates = {}
+        rates, worker_cpu = {}, []
         for size in sizes:
             src = os.path.join(work, f"seed_{size:g}mb.json")
             gen = seed_data.write_seed_file(src, teacher_dir, target_bytes=int(size * 2**20))
@@ -160,11 +161,18 @@ def main() -> None:
                       f"{workers}; {r['load']}")
                 if side == "ours":
                     _print_per_worker(mib, r, args.workers, bare)
+                    worker_cpu.append((mib, r["worker_cpu_seconds"]))
                 shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.remove(out)
             os.remove(src)
             if ("original", size) in rates:
                 print(f"  speedup ours / original: "
                       f"{rates['ours', size] / rates['original', size]:.1f}x (goal >= 3x)")
+        if len(worker_cpu) > 1 and args.workers > 1:  # start-up cancels out in the difference
+            (mib0, cpu0), (mib1, cpu1) = worker_cpu[0], worker_cpu[-1]
+            rate = (mib1 - mib0) / (cpu1 - cpu0)
+            print(f"[ours] per worker, marginal (CPU, {mib0:.0f} -> {mib1:.0f} MiB): {rate:.0f} "
+                  f"MiB/s = {100 * rate / bare['simdjson']:.0f}% of simdjson's bare parse (last "
+                  f"input), {100 * rate / bare['simdjson+as_buffer']:.0f}% with as_buffer")
 
 
 def _print_per_worker(mib: float, r: dict, workers: int, bare: dict[str, float]) -> None:

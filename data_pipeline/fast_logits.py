@@ -6,9 +6,10 @@ json.loads makes a Python float of each of a row's 32k-128k numbers (7 MiB/s her
 measured here (bench/preprocess.py prints the bare rates: orjson and msgspec build Python
 lists). simdjson rounds correctly, like Python's float() and int -> float, and is strict RFC 8259,
 so on what it accepts it agrees with json bit for bit (the integer `-0` is +0.0 in both). What it
-refuses, json decides, with the same outcome as a record without the fast path: NaN / Infinity
-literals, integers beyond 64 bits (and the >4300-digit ones json itself rejects), numbers JSON
-forbids, strings, booleans, nested arrays or objects, and out-of-range values like 1e400.
+refuses stays in the text for the rest's parser (msgspec, or json: validate.py), with the same
+outcome as a record without the fast path: NaN / Infinity literals, integers beyond 64 bits
+(and the >4300-digit ones json itself rejects), numbers JSON forbids, strings, booleans, nested
+arrays or objects, and out-of-range values like 1e400.
 """
 
 from __future__ import annotations

@@ -137,10 +137,11 @@ def parse_record(text, reduce_full: FullLogitsReducer, vocab_size: int | None,
 
     obj = _NOT_FAST
     if fast:
-        obj = _loads_fast(text, check, check_array, start, arrays)
-        if obj is _NOT_FAST:  # no array for fast_logits: the whole record to msgspec
-            obj = _resolve_full(_decode_kept(memoryview(text)[start:]), check)
-    if obj is _NOT_FAST:
+        spans = fast_logits.find_arrays(text, start) if arrays is None else arrays
+        obj = (_loads_fast(text, spans, arrays is not None, check_array, check, start) if spans
+               # Without full_logits arrays (small: the top-5 alone), all of it to msgspec.
+               else _resolve_full(_decode_kept(memoryview(text)[start:]), check))
+    if obj is _NOT_FAST:  # json streams: one full_logits list at a time
         obj = _loads(text[start:], check)
     return _check_record(obj, vocab_size, full_length)
 
@@ -183,19 +184,20 @@ def _decode_kept(text) -> object:
 _PLACEHOLDER, _PLACEHOLDER_TEXT, _NUL_ESCAPE = "\0", b'"\\u0000"', b"\\u0000"
 
 
-def _loads_fast(text, check: Callable, check_array: Callable, start: int = 0,
-                arrays: tuple[tuple[int, int], ...] | None = None) -> object:
+def _loads_fast(text, spans, flat: bool, check_array: Callable, check: Callable,
+                start: int = 0) -> object:
     """What `_loads(text[start:], check)` returns, with the number arrays of `full_logits`
     parsed by fast_logits (simdjson) one at a time, and the rest of the record (a placeholder in
     place of each array) by msgspec, or json where msgspec refuses it.
+
+    spans: fast_logits.find_arrays(text, start), or the framer's spans (flat: they hold no
+    brackets, so parse_array need not check again).
 
     _NOT_FAST whenever the result could differ from `_loads`: no array was parsed, json fails on
     the rest (so `_loads` reports the error), the text writes `\\u0000` itself, or an array was
     not the value of the `full_logits` key of a `logits` entry (e.g. the key text was inside a
     string, a key was repeated, or the key sat elsewhere)."""
-    flat = arrays is not None  # the framer's spans hold no brackets: no need to check again
-    spans = arrays if flat else fast_logits.find_arrays(text, start)
-    if not spans or json.detect_encoding(text[start:start + 4]) != "utf-8":
+    if json.detect_encoding(text[start:start + 4]) != "utf-8":
         return _NOT_FAST
     pieces, parsed, pos = [], [], start
     for begin, end in spans:

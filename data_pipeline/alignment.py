@@ -88,7 +88,7 @@ def detect_scheme(tok: Tokenizer) -> str:
 @dataclasses.dataclass
 class Vocab:
     """A tokenizer's vocabulary as bytes: `id_bytes[i]` (None for holes), and bytes -> id."""
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None in the teacher vocabulary a worker receives (convert.py)
     scheme: str
     id_bytes: list[bytes | None]
     byte_to_id: dict[bytes, int]

@@ -47,7 +47,7 @@ class _Convert(beam.DoFn):
         self.converter = Converter(self.opts)
 
     def process(self, span):
-        yield self.converter.convert(span.read())
+        yield self.converter.convert(span.map())
 
 
 class _Count(beam.CombineFn):

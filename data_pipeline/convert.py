@@ -69,6 +69,7 @@ class Converter:
         else:
             self.mode = "mapped"
             self.id_map = _fit(alignment.vocab_map(self.teacher, self.student), self.id_bound)
+        self.mapped_ids = None if self.id_map is None else np.flatnonzero(self.id_map >= 0)
         self.rewriter = placeholders.Rewriter(opts.placeholders, {
             t.content for t in self.student.tokenizer.get_added_tokens_decoder().values()
         }) if opts.placeholders else None
@@ -76,6 +77,14 @@ class Converter:
             "(the teacher vocabulary; pass --teacher-vocab-size if it is padded)" if self.id_bound
             else "(the student vocabulary: without --teacher-tokenizer the tokenizers are assumed "
                  "identical; pass --teacher-tokenizer, or --teacher-vocab-size if it is padded)")
+
+    def __getstate__(self) -> dict:
+        """What a worker process receives: all but the teacher's Tokenizer, which conversion
+        never calls (its vocabulary bytes and id map travel)."""
+        state = dict(self.__dict__)
+        if self.teacher is not None:
+            state["teacher"] = dataclasses.replace(self.teacher, tokenizer=None)
+        return state
 
     def vocab_matched_pct(self) -> float | None:
         """% of teacher vocabulary ids with a student token of the same bytes (None: unknown)."""
@@ -93,7 +102,8 @@ class Converter:
 
     def reduce_full(self, logits: np.ndarray) -> targets.Target:
         """One entry's full teacher logits -> its stored target (top-k + tail, student ids)."""
-        return targets.from_full_logits(logits, self.id_map, len(self.student), self.opts.top_k)
+        return targets.from_full_logits(logits, self.id_map, len(self.student), self.opts.top_k,
+                                        self.mapped_ids)
 
     def convert_parsed(self, file: str, index: int, rec: TeacherRecord) -> Result:
         """A record already in memory (generate-teacher --records): convert() after parsing;
@@ -105,7 +115,7 @@ class Converter:
 
     def _convert(self, raw: RawRecord) -> Result:
         rec = parse_record(raw.text, self.reduce_full, self.id_bound, self.full_length,
-                           self.length_hint)
+                           self.length_hint, start=raw.start, arrays=raw.arrays)
         return self._convert_record(raw.file, raw.index, rec)
 
     def _convert_record(self, file: str, index: int, rec: TeacherRecord) -> Result:

@@ -6,9 +6,10 @@ json.loads makes a Python float of each of a row's 32k-128k numbers (7 MiB/s her
 measured here (bench/preprocess.py prints the bare rates: orjson and msgspec build Python
 lists). simdjson rounds correctly, like Python's float() and int -> float, and is strict RFC 8259,
 so on what it accepts it agrees with json bit for bit (the integer `-0` is +0.0 in both). What it
-refuses, json decides, with the same outcome as a record without the fast path: NaN / Infinity
-literals, integers beyond 64 bits (and the >4300-digit ones json itself rejects), numbers JSON
-forbids, strings, booleans, nested arrays or objects, and out-of-range values like 1e400.
+refuses stays in the text for the rest's parser (msgspec, or json: validate.py), with the same
+outcome as a record without the fast path: NaN / Infinity literals, integers beyond 64 bits
+(and the >4300-digit ones json itself rejects), numbers JSON forbids, strings, booleans, nested
+arrays or objects, and out-of-range values like 1e400.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from data_pipeline.reader import FULL_LOGITS_KEY
 _PARSER = simdjson.Parser()  # reuses its buffers; one per process (workers are processes)
 
 
-def find_arrays(text: bytes) -> list[tuple[int, int]]:
-    """[start, end) byte spans from the `[` after each `"full_logits":` to the first `]` after it.
+def find_arrays(text: bytes, pos: int = 0) -> list[tuple[int, int]]:
+    """[start, end) byte spans from the `[` after each `"full_logits":` (at or after `pos`) to the
+    first `]` after it. `text`: bytes or a mapping (mmap).
 
     A span is only a candidate: the caller checks that it holds numbers alone and that it really is
     the value of a `full_logits` key (the text may sit inside a string, or be malformed)."""
-    spans, pos = [], 0
+    spans = []
     while m := FULL_LOGITS_KEY.search(text, pos):
         end = text.find(b"]", m.end())
         if end < 0:
@@ -36,13 +38,14 @@ def find_arrays(text: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def parse_array(text: bytes, start: int, end: int) -> np.ndarray | None:
+def parse_array(text: bytes, start: int, end: int, flat: bool = False) -> np.ndarray | None:
     """float64 [n]: the numbers of the JSON array text[start:end] (brackets included), equal bit
     for bit to np.asarray(json.loads(text[start:end]), np.float64).
 
     None unless it is a non-empty flat array of JSON numbers, all finite in float64 and each within
-    64-bit integers when written as an integer (json then decides)."""
-    if text.find(b"[", start + 1, end) >= 0:
+    64-bit integers when written as an integer (json then decides). flat: the caller knows that
+    the array holds no inner `[`."""
+    if not flat and text.find(b"[", start + 1, end) >= 0:
         return None  # as_buffer would flatten a nested array (one memchr: ~2% of the parse)
     try:
         doc = _PARSER.parse(memoryview(text)[start:end])

@@ -240,12 +240,12 @@ def _convert_all(spans: Iterator[RecordSpan], opts: Options, converter: Converte
                  workers: int, in_flight_bytes: int) -> Iterator[Result]:
     """Converted records in input order; W worker processes with a bounded in-flight window."""
     if workers <= 1:
-        yield from (converter.convert(span.read()) for span in spans)
+        yield from (converter.convert(span.map()) for span in spans)
         return
     # spawn: no fork of a process holding threads. A worker that dies (or fails to load the
     # tokenizers) raises BrokenProcessPool here instead of hanging the run.
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                             initializer=worker.init, initargs=(opts,)) as pool:
+                             initializer=worker.init, initargs=(converter,)) as pool:
         pending: collections.deque = collections.deque()
         in_flight = 0
         for span in spans:

@@ -40,18 +40,28 @@ def _top(values: np.ndarray, top_k: int) -> np.ndarray:
 
 
 def from_full_logits(logits: np.ndarray, id_map: np.ndarray | None, student_size: int,
-                     top_k: int) -> Target:
+                     top_k: int, mapped: np.ndarray | None = None) -> Target:
     """logits float [V_teacher]; id_map int32 [V_teacher] (-1 unmapped), None for identity:
     teacher id i is student id i, and ids >= student_size (a padded teacher vocabulary) are
-    unmapped."""
-    logprobs = log_softmax(logits)
+    unmapped. mapped: np.flatnonzero(id_map >= 0), when the caller keeps it.
+
+    Three passes over the row (max, exp, sum; in float64): log p = (x - max) - log(sum), and the
+    top-k / id merge only look at the entries they need."""
+    x = np.asarray(logits, np.float64)
+    shifted = x - x.max()
     if id_map is None:
-        kept = logprobs[:student_size]
+        kept = shifted[:student_size]
         top = _top(kept, top_k)
-        mass = 1.0 if kept.size == logprobs.size else float(np.exp(kept).sum())
-        return Target(top.astype(np.int32), kept[top].astype(np.float32), True, mass)
-    mapped = id_map >= 0
-    mass = np.bincount(id_map[mapped], weights=np.exp(logprobs[mapped]), minlength=student_size)
+        exp = np.exp(shifted)
+        total = exp.sum()
+        mass = 1.0 if kept.size == shifted.size else float(exp[:student_size].sum() / total)
+        return Target(top.astype(np.int32), (kept[top] - np.log(total)).astype(np.float32),
+                      True, mass)
+    if mapped is None:
+        mapped = np.flatnonzero(id_map >= 0)
+    exp = np.exp(shifted, out=shifted)
+    total = exp.sum()
+    mass = np.bincount(id_map[mapped], weights=exp[mapped], minlength=student_size) / total
     top = _top(mass, top_k)
     top = top[mass[top] > 0]
     return Target(top.astype(np.int32), np.log(mass[top]).astype(np.float32), True,

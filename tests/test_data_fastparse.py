@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data_pipeline import fast_logits, targets
+from data_pipeline.reader import iter_record_spans
 from data_pipeline.validate import _NOT_FAST, SkipRecord, _loads_fast, parse_record
 
 V = 6  # full_logits length in these records
@@ -162,11 +163,13 @@ def _assert_same(text: bytes, fast_expected: bool | None = None):
     for reduce in REDUCERS:
         assert _outcome(text, True, reduce) == _outcome(text, False, reduce), text[:300]
     if fast_expected is not None:
-        check = lambda v: v  # noqa: E731 (the values are not looked at)
-        assert (_loads_fast(text, check, check) is not _NOT_FAST) == fast_expected
+        check = lambda v, finite=False: v  # noqa: E731 (the values are not looked at)
+        spans = fast_logits.find_arrays(text)
+        assert bool(spans and _loads_fast(text, spans, False, check, check) is not _NOT_FAST
+                    ) == fast_expected
 
 
-@pytest.mark.parametrize("text, fast", [
+ADVERSARIAL = [
     (_record(_entry(0, GOOD), _entry(1, GOOD2)), True),
     (_record(_entry(0, "[\n  1.5,\n  -2,\n  0.25,\n  30,\n  -0.5,\n  7\n]")), True),
     (json.dumps(json.loads(_record(_entry(0, GOOD))), indent=2).encode(), True),
@@ -174,12 +177,17 @@ def _assert_same(text: bytes, fast_expected: bool | None = None):
     (_record(_entry(0, "[-0, -1000, -1000, -1000, -1000, -1000]")), True),  # int -0 -> +0.0
     (_record(_entry(0, "[-0.0, -1000, -1000, -1000, -1000, -1000]")), True),
     (_record(_entry(0, GOOD), prompt='"say \\"full_logits\\": [1, 2, 3, 4, 5, 6]"'), True),
-    (_record(_entry(0, GOOD), prompt='{"full_logits": [1, 2, 3, 4, 5, 6]}'), True),  # wrong_type
-    (_record(_entry(0, GOOD), extra=', "full_logits": [1, 2, 3, 4, 5, 6]'), True),
-    (_record(_entry(0, GOOD), prompt='"NaN"'), False),  # NaN text anywhere: json alone
+    # A full_logits array outside the logits entries (never read): json alone.
+    (_record(_entry(0, GOOD), prompt='{"full_logits": [1, 2, 3, 4, 5, 6]}'), False),
+    (_record(_entry(0, GOOD), extra=', "full_logits": [1, 2, 3, 4, 5, 6]'), False),
+    (_record(_entry(0, GOOD), prompt='"NaN"'), True),
+    (_record(_entry(0, GOOD), prompt='"\\u0000"'), False),  # the placeholder's text: json alone
+    (_record(_entry(0, GOOD), prompt='"a\\\\u0000"'), False),  # (or what looks like it)
     (_record(_entry(0, "[1, 2, 3, NaN, 5, 6]")), False),
     (_record(_entry(0, "[1, 2, 3, Infinity, 5, 6]"), _entry(1, GOOD)), True),
-    (_record(_entry(0, GOOD).replace("2.5", "NaN")), False),
+    (_record(_entry(0, GOOD).replace("2.5", "NaN")), True),  # msgspec refuses: json reads the rest
+    (_record(_entry(0, GOOD).replace('"token_id": 1', '"token_id": ' + "9" * 30)), True),
+    (_record(_entry(0, GOOD).replace('"position": 0', '"position": 18446744073709551616')), True),
     (_record(_entry(0, GOOD).replace("2.5", "-Infinity")), True),
     (_record(_entry(0, GOOD, ', "full_logits": ' + GOOD2)), False),  # duplicate key: last wins
     (_record(_entry(0, GOOD, ', "full_logits": "x"')), False),
@@ -212,7 +220,10 @@ def _assert_same(text: bytes, fast_expected: bool | None = None):
     (b"\xef\xbb\xbf" + _record(_entry(0, GOOD)), False),
     (_record(_entry(0, GOOD)).replace(b'"position": 0', b'"position": 1'), True),
     (_record(_entry(0, GOOD))[:-1] + b"] trailing", False),
-])
+]
+
+
+@pytest.mark.parametrize("text, fast", ADVERSARIAL)
 def test_adversarial_records_same_as_json(text, fast):
     _assert_same(text, fast)
 
@@ -253,3 +264,54 @@ def test_generated_records_same_as_json(fulls, data):
     if data.draw(st.booleans()):
         text = text[:data.draw(st.integers(0, len(text)))]
     _assert_same(text)
+
+
+def _mapped_outcome(raw, reduce):
+    """_outcome's summary (the logprobs of each entry) of a RawRecord parsed where it lies."""
+    try:
+        rec = parse_record(raw.text, reduce, 10, V, "(hint)", start=raw.start, arrays=raw.arrays)
+    except SkipRecord as skip:
+        return "skip", skip.reason, skip.detail
+    return "ok", [None if e.full is None else e.full.logprobs.tobytes() for e in rec.entries]
+
+
+def _reference_summary(text: bytes, reduce):
+    ref = _outcome(text, False, reduce)
+    return ref if ref[0] == "skip" else ("ok", [x[5] and x[5][1] for x in ref[3]])
+
+
+def test_mapped_record_same_as_bytes(tmp_path):
+    """A record mapped from its file (text = an mmap, the record at text[start:]) parses as its
+    bytes do, on the fast path and on each fallback (json's error details included)."""
+    texts = [_record(_entry(0, GOOD), _entry(1, GOOD2)),  # simdjson + msgspec
+             _record(_entry(0, "[1, 2, 3, NaN, 5, 6]")),  # json alone
+             _record(_entry(0, GOOD).replace("2.5", "NaN")),  # simdjson + json for the rest
+             _record(_entry(0, "null")),  # msgspec alone
+             _record(_entry(0, GOOD))[:-3] + b"x]}"]  # invalid: json's error detail
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b" " * 4999 + b"\n" + b"\n".join(texts) + b"\n")  # blank first line
+    for span, text in zip(iter_record_spans(str(path)), texts):
+        raw = span.map()
+        text += b"\n"  # a JSONL record is its line
+        assert raw.start > 0 and raw.text[raw.start:] == text and raw.arrays is None
+        for reduce in REDUCERS:
+            assert _mapped_outcome(raw, reduce) == _reference_summary(text, reduce)
+
+
+def test_framed_arrays_same_as_json(tmp_path):
+    """The array spans the framer hands on (RecordSpan.arrays) give json's outcome on every
+    adversarial record it frames, and are used: ordinary records carry theirs."""
+    path = tmp_path / "in.json"
+    path.write_bytes(b"[" + b",\n".join(t for t, _ in ADVERSARIAL if t[:1] == b"{") + b"]")
+    framed = 0
+    for span in iter_record_spans(str(path)):
+        if span.error:  # the truncated record: the rest of the file is not read
+            break
+        raw, text = span.map(), span.read().text
+        framed += 1
+        for reduce in REDUCERS:
+            assert _mapped_outcome(raw, reduce) == _reference_summary(text, reduce), text[:300]
+    assert framed > 30
+    first = next(iter_record_spans(str(path)))
+    assert len(first.arrays) == 2 and [first.read().text[a - first.start:b - first.start]
+                                       for a, b in first.arrays] == [GOOD.encode(), GOOD2.encode()]

@@ -114,3 +114,18 @@ def test_generated_json_frames_like_json(tmp_path_factory, values, chunk, indent
     path = tmp_path_factory.mktemp("gen") / "a.json"
     path.write_text(json.dumps(values, indent=2 if indent else None))
     assert [json.loads(r.text) for r in _parse(str(path), chunk)] == values
+
+
+@pytest.mark.parametrize("ext", ["json", "jsonl"])
+def test_mapped_records_equal_read_ones(tmp_path, ext):
+    """RecordSpan.map() (an mmap from the page boundary before the record) holds the bytes that
+    read() returns, at text[start:], for records at any offset (here past several pages)."""
+    records = [{"i": i, "pad": "x" * (3000 * i)} for i in range(6)]
+    path = tmp_path / f"in.{ext}"
+    path.write_text(json.dumps(records) if ext == "json" else
+                    "\n".join(json.dumps(r) for r in records) + "\n")
+    spans = list(iter_record_spans(str(path)))
+    mapped = [span.map() for span in spans]
+    assert any(m.start > 0 for m in mapped) and any(s.start > 4096 for s in spans)
+    assert [m.text[m.start:] for m in mapped] == [s.read().text for s in spans]
+    assert [json.loads(m.text[m.start:]) for m in mapped] == records

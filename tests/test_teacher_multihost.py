@@ -1,7 +1,8 @@
 """generate-teacher on two processes (localhost, 2 CPU devices each, gloo collectives) that
 decode together with ONE teacher sharded over the global mesh (--mesh tensor=4: every head,
-MLP and vocabulary matrix split across both processes): the JSON route's tokens and full logits
-and the records route's dataset equal a single process's, and each is written once."""
+MLP and vocabulary matrix split across both processes), loaded from an HF dir or a params
+checkpoint: the JSON route's tokens and full logits and the records route's dataset equal a
+single process's, and each is written once."""
 
 import json
 import os
@@ -32,10 +33,14 @@ def setup(tmp_path_factory):
     student.mkdir()
     toy_tokenizers.sentencepiece_bpe(lf.TEXT * 4, 280).save(str(student / "tokenizer.json"))
     (root / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    common = ["generate-teacher", "--teacher", str(hf_dir), "--prompts", str(root / "p.txt"),
+    common = ["generate-teacher", "--prompts", str(root / "p.txt"),
               "--greedy", "--max-new-tokens", str(NEW), "--batch-size", "2"]
-    json_args = [*common, "--full-logits"]
-    records_args = [*common, "--student-tokenizer", str(student), "--top-k", str(TOP_K),
+    json_args = [*common, "--teacher", str(hf_dir), "--full-logits"]
+    # The records route reads the teacher from an imported params checkpoint (orbax restores
+    # each process's shards), the JSON route from the HF dir (read tensor by tensor).
+    assert cli.main(["import-hf", "--hf-dir", str(hf_dir), "--out", str(root / "ckpt")]) == 0
+    records_args = [*common, "--teacher", str(root / "ckpt"), "--tokenizer", str(hf_dir),
+                    "--student-tokenizer", str(student), "--top-k", str(TOP_K),
                     "--max-length", "64", "--record-format", "1"]
     # The single-process references (one device, no mesh).
     assert cli.main([*json_args, "--out", str(root / "one.jsonl")]) == 0
@@ -43,7 +48,7 @@ def setup(tmp_path_factory):
     return root, json_args, records_args
 
 
-def _two_processes(args):
+def _launch(args):
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
@@ -52,8 +57,13 @@ def _two_processes(args):
          "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    return [p.returncode for p in procs], outs
+
+
+def _two_processes(args):
+    codes, outs = _launch(args)
+    for code, (_, err) in zip(codes, outs):
+        assert code == 0, err[-3000:]
     stdouts = [out for out, _ in outs]
     for rank, out in enumerate(stdouts):  # each process holds about half the teacher
         share = re.search(rf"process {rank} of 2 holds ([\d.]+)% of the teacher's parameter", out)
@@ -103,3 +113,16 @@ def test_sharded_teacher_records_route_equals_one_process(setup):
             assert (finite == np.isfinite(y["teacher_logprobs"])).all()
             np.testing.assert_allclose(x["teacher_logprobs"][finite],
                                        y["teacher_logprobs"][finite], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bad_prompt_on_one_process_stops_both(setup):
+    """Prompt 1 (process 1's first) is too long for the teacher: process 1 names it, process 0
+    says which process stopped, both exit 2 (neither waits forever for the other)."""
+    root, json_args, _ = setup
+    (root / "bad.txt").write_text("dog\n" + "the cat sat " * 60 + "\nriver\n")
+    args = [a if a != str(root / "p.txt") else str(root / "bad.txt") for a in json_args]
+    codes, outs = _launch([*args, "--out", str(root / "bad.jsonl")])
+    assert codes == [2, 2]
+    assert "prompt 1 has" in outs[1][1] and "max_sequence_length" in outs[1][1]
+    assert "process 1 stopped on a bad prompt" in outs[0][1]

@@ -195,11 +195,13 @@ def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts
 def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
                      sampling: Sampling = Sampling(), *, batch_size: int = 8,
                      full_logits: bool = False, chat_template: bool = False,
-                     mesh: jax.sharding.Mesh | None = None) -> Iterator[list[tuple[str, _Row]]]:
+                     mesh: jax.sharding.Mesh | None = None,
+                     numbers: Iterable[int] | None = None) -> Iterator[list[tuple[str, _Row]]]:
     """(prompt text, generated row) for each batch of `batch_size` prompts, in prompt order
     (rows over the mesh's data axes, heads over `tensor`, when `mesh` is given). With a mesh
     over several processes each batch is one collective step (hosts.py): a process whose
-    prompts are done takes part with an empty batch until every process's are."""
+    prompts are done takes part with an empty batch until every process's are. `numbers`:
+    the prompts' numbers in error messages (default 0, 1, ...; a process's share: its own)."""
     cfg = model.cfg
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
@@ -212,7 +214,7 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
     key = jax.random.key(sampling.seed)
     collective = hosts.spans_processes(mesh)
-    numbered = enumerate(prompts)
+    numbered = zip(itertools.count() if numbers is None else numbers, prompts)
     while True:
         batch, error = [], None
         try:
@@ -318,7 +320,8 @@ def shared_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompt
     count, rank = jax.process_count(), jax.process_index()
     token_text = _TokenText(tokenizer)
     batches = generate_batches(model, tokenizer, prompts[rank::count], sampling,
-                               batch_size=batch_size, **options)
+                               batch_size=batch_size, numbers=range(rank, len(prompts), count),
+                               **options)
     for batch in hosts.own_rounds(batches, len(prompts), batch_size):
         local = [(index, to_record(text, row, tokenizer, token_text)) for index, text, row in batch]
         yield from (record for _, record in sorted(hosts.gather(local), key=lambda x: x[0]))

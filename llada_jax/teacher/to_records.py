@@ -65,7 +65,8 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
     prompts = list(prompts)
     finished = os.path.isdir(os.path.join(out, records.NAME, records.VERSION)) and not overwrite
     batches = gen.generate_batches(model, tokenizer, prompts[rank::count], sampling,
-                                   batch_size=batch_size, full_logits=True, **options)
+                                   batch_size=batch_size, full_logits=True,
+                                   numbers=range(rank, len(prompts), count), **options)
     token_text = gen._TokenText(tokenizer)
 
     def results() -> Iterator[Result]:

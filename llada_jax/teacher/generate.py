@@ -79,17 +79,19 @@ def sample_next(logits_bv: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p"))
-def pick(logits_bv, key_data, *, vocab_size: int, temperature: float, top_p: float):
+@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p", "full_logits"))
+def pick(logits_bv, key_data, *, vocab_size: int, temperature: float, top_p: float,
+         full_logits: bool = True):
     """The next token of every row from its logits (embedding padding cut to vocab_size):
-    (chosen [B], top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size]), all
-    replicated under a mesh (hosts.py: every process sees every row). `key_data`: the raw
-    uint32 data of a jax.random key (a host array that every process passes alike)."""
+    (chosen [B], top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size] or None
+    unless full_logits), replicated under a mesh (hosts.py: every process sees every row).
+    `key_data`: the raw uint32 data of a jax.random key (a host array every process passes)."""
     logits_bv = logits_bv[:, :vocab_size]
     top_logits, top_ids = jax.lax.top_k(logits_bv, TOP_K)
     chosen = sample_next(logits_bv, jax.random.wrap_key_data(key_data), temperature, top_p)
-    return tuple(sharding.constrain(x, (None,) * x.ndim)
-                 for x in (chosen, top_ids, top_logits, logits_bv))
+    replicated = lambda x: sharding.constrain(x, (None,) * x.ndim)
+    return (replicated(chosen), replicated(top_ids), replicated(top_logits),
+            replicated(logits_bv) if full_logits else None)
 
 
 @dataclasses.dataclass
@@ -123,7 +125,8 @@ def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling:
         with lm.mesh_context():
             chosen_b, top_ids, top_logits, logits = pick(
                     logits_bv, lm.put(np.asarray(jax.random.key_data(sub))), vocab_size=vocab_size,
-                    temperature=sampling.temperature, top_p=sampling.top_p)
+                    temperature=sampling.temperature, top_p=sampling.top_p,
+                    full_logits=full_logits)
         if step + 1 < sampling.max_new_tokens:  # dispatched before this step's results are read
             logits_bv = lm.extend(chosen_b[:, None])[:, 0]
         chosen = np.asarray(chosen_b)  # every row's: the stop test is the same on every process

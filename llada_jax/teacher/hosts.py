@@ -51,12 +51,13 @@ def layout_batch(ids_per_prompt: Sequence[Sequence[int]], batch_size: int, pad_i
     """This process's <= batch_size prompts as rows of a left-padded batch; `collective`: the
     global batch of all processes' rows (every process must call it). None when no row has a
     prompt (in a collective call: no process has one left)."""
-    count, rank = (jax.process_count(), jax.process_index()) if collective else (1, 0)
-    lengths = np.zeros(batch_size, np.int32)
+    rank = jax.process_index() if collective else 0
+    lengths = np.full(batch_size, -1, np.int32)  # -1: no prompt in this row
     lengths[:len(ids_per_prompt)] = [len(ids) for ids in ids_per_prompt]
     if collective:
         lengths = np.array(multihost_utils.process_allgather(lengths)).reshape(-1)
-    if not lengths.any():
+    real = lengths >= 0
+    if not real.any():
         return None
     width = -(-int(lengths.max()) // bucket) * bucket
     tokens = np.full((batch_size, width), pad_id, np.int32)
@@ -64,7 +65,6 @@ def layout_batch(ids_per_prompt: Sequence[Sequence[int]], batch_size: int, pad_i
         tokens[r, width - len(ids):] = ids
     if collective:
         tokens = np.array(multihost_utils.process_allgather(tokens)).reshape(-1, width)
-    real = lengths > 0
     first = int(np.argmax(real))
     tokens[~real], lengths[~real] = tokens[first], lengths[first]
     start = rank * batch_size

@@ -76,9 +76,11 @@ TEXT = ["the cat sat on the mat and the dog sat on the log",
         "a quick brown fox jumps over the lazy dog near the river bank"]
 
 
-def write_llama_teacher(root: pathlib.Path, seed: int = 3):
-    """(HF dir, tokenizer): a random LlamaForCausalLM (untied, llama3 x8, GQA, 4.x config.json)
-    with a byte-level BPE tokenizer (BOS added, eos <|eot_id|> = 2) saved next to it."""
+def write_llama_teacher(root: pathlib.Path, seed: int = 3, vocab_multiple: int = 1, **changes):
+    """(HF dir, tokenizer): a random LlamaForCausalLM (untied, llama3 x8, GQA, 4.x config.json;
+    `changes` to its LlamaConfig) with a byte-level BPE tokenizer (BOS added, eos <|eot_id|> =
+    2) saved next to it; reserved special tokens (as LLaMA-3 has) round its vocabulary up to a
+    multiple of `vocab_multiple` (a mesh's tensor axis splits the vocabulary)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,13 +89,15 @@ def write_llama_teacher(root: pathlib.Path, seed: int = 3):
     tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(
             vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
             show_progress=False))
+    reserved = -tok.get_vocab_size() % vocab_multiple
+    tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(reserved)])
     tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                      eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
     kwargs, _ = CONFIGS["untied_llama3_f8_gqa_4x"]
     config = llama_config(**kwargs | dict(vocab_size=len(hf_tok), bos_token_id=0,
-                                          eos_token_id=2, pad_token_id=1))
+                                          eos_token_id=2, pad_token_id=1) | changes)
     write_llama_dir(root, config, "4.x", seed=seed)
     hf_tok.save_pretrained(str(root))
     return root, hf_tok

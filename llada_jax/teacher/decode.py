@@ -15,8 +15,10 @@ next extend). Lengths count real tokens (prompt + appended), not the left paddin
 
 Shapes are static: `extend` compiles once per (B, k, S) (for generation: one prefill per
 prompt-length bucket and one k=1 step). Under a mesh the cache is sharded like the activations
-(rows over `data`/`fsdp`, KV heads over `tensor`, sharding.py rules) and the params keep theirs.
-The step donates the cache, so it is updated in place.
+(rows over `data`/`fsdp`, KV heads over `tensor`, sharding.py rules) and the params keep theirs;
+host inputs go in replicated, so a mesh over several processes (hosts.py) works the same way:
+every process makes the same calls with the same values. The step donates the cache, so it is
+updated in place.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import sharding
 from llada_jax.model.modeling import KVCache, LLaDAModel, init_cache
@@ -57,7 +60,7 @@ class CachedLM:
         self.graphdef, self.state = nnx.split(model)
         self.batch_size, self.max_length = batch_size, max_length
         self.mesh, self.rules = mesh, rules or sharding.DEFAULT_RULES
-        with self._context():
+        with self.mesh_context():
             self.cache = _init_cache(model.cfg, batch_size, max_length)
         self._start = np.zeros(batch_size, np.int32)
         self._slots = np.zeros(batch_size, np.int32)  # filled slots per row, padding included
@@ -66,7 +69,8 @@ class CachedLM:
     def lengths(self) -> np.ndarray:
         return self._slots - self._start
 
-    def _context(self):
+    def mesh_context(self):
+        """The mesh and rules the step runs under (a null context without a mesh)."""
         if self.mesh is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
@@ -74,12 +78,23 @@ class CachedLM:
         stack.enter_context(sharding.rules_context(self.rules))
         return stack
 
+    def put(self, x) -> jax.Array:
+        """A host array as the step's input: replicated over the mesh (a global array, as a
+        multi-process mesh needs), or on the default device; a jax.Array passes as it is."""
+        if isinstance(x, jax.Array):
+            return x
+        x = np.array(x)  # a copy: the caller may change its array in place (self._slots)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()),
+                                            lambda index: x[index])
+
     def prefill(self, tokens_bw, pad_b) -> jax.Array:
         """Starts every row afresh from a left-padded prompt (row b's tokens at columns
         pad_b..W-1); returns the next-token logits float32 [B, V] after each prompt."""
         pad_b = np.asarray(pad_b, np.int32)
         self._start[:], self._slots[:] = pad_b, 0
-        self.cache = self.cache._replace(start_b=jnp.asarray(pad_b), length_b=jnp.zeros_like(pad_b))
+        self.cache = self.cache._replace(start_b=self.put(pad_b), length_b=self.put(np.zeros_like(pad_b)))
         return self._run(tokens_bw, all_logits=False)[:, 0]
 
     def extend(self, tokens_bk) -> jax.Array:
@@ -93,16 +108,17 @@ class CachedLM:
             raise CacheError(f"rollback to {lengths_b.tolist()}: need {self.batch_size} lengths, "
                              f"each between 1 and the row's current length {self.lengths.tolist()}")
         self._slots = self._start + lengths_b
-        self.cache = self.cache._replace(length_b=jnp.asarray(self._slots))
+        self.cache = self.cache._replace(length_b=self.put(self._slots))
 
     def _run(self, tokens_bk, all_logits: bool) -> jax.Array:
-        tokens_bk = jnp.asarray(tokens_bk, jnp.int32)
+        tokens_bk = self.put(tokens_bk if isinstance(tokens_bk, jax.Array)
+                             else np.asarray(tokens_bk, np.int32)).astype(jnp.int32)
         batch, k = tokens_bk.shape
         if batch != self.batch_size or self._slots.max() + k > self.max_length:
             raise CacheError(f"{k} more tokens for {batch} rows do not fit the cache "
                              f"({self.batch_size} rows of {self.max_length} slots, fullest row at "
                              f"{self._slots.max()})")
-        with self._context():
+        with self.mesh_context():
             logits, self.cache = extend_step(self.graphdef, self.state, self.cache, tokens_bk,
                                          all_logits=all_logits)
         self._slots += k

@@ -19,7 +19,9 @@ Rows are left-padded to a fixed length per batch (positions start at 0 at each r
 token, padding hidden); the prompts are prefilled into a KV cache once and every new token is
 one cached step (teacher/decode.py), compiled once per prompt-length bucket.
 Output is streamed (JSONL line by line; a JSON array element by element), so memory stays
-bounded by one batch.
+bounded by one batch. Several processes (--coordinator-address ..., or a TPU slice): each
+generates its share of the prompts, with --mesh one teacher sharded over all of them
+(hosts.py), and process 0 writes the file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +44,8 @@ from llada_jax.checkpoints import PARAMS_DIR, load_params
 from llada_jax.errors import GenerateError, UserError
 from llada_jax.model import params
 from llada_jax.model.modeling import LLaDAModel
+from llada_jax.teacher import hosts
+from llada_jax.teacher.prompts import prompt_ids, read_prompts
 from llada_jax.teacher.decode import CachedLM
 
 TOP_K = 5
@@ -55,53 +60,6 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-
-
-# ----------------------------------------------------------------------------- prompts
-
-def read_prompts(paths: Sequence[str | pathlib.Path]) -> Iterator[str]:
-    """Prompts from text files (one per non-blank line), .jsonl or .json (objects with "prompt")."""
-    for path in map(pathlib.Path, paths):
-        if not path.is_file():
-            raise GenerateError(f"prompts file {path} does not exist")
-        if path.suffix == ".json":
-            rows = json.loads(path.read_text())
-            items = enumerate(rows if isinstance(rows, list) else [rows], 1)
-            yield from (_prompt_field(r, f"{path} element {i}") for i, r in items)
-            continue
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if path.suffix != ".jsonl":
-                    yield line.rstrip("\r\n")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GenerateError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line of "
-                                        f"a .jsonl prompts file is one object with a \"prompt\"") from e
-                yield _prompt_field(record, f"{path}:{line_no}")
-
-
-def _prompt_field(record, where: str) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise GenerateError(f"{where}: expected an object with a string \"prompt\" field, got "
-                            f"{json.dumps(record)[:80]}")
-    return record["prompt"]
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str,
-               chat_template: bool) -> tuple[str, list[int]]:
-    """(the record's prompt text, the ids the teacher sees)."""
-    if not chat_template:
-        return prompt, tokenizer(prompt)["input_ids"]
-    if not tokenizer.chat_template:
-        raise GenerateError("--chat-template: the teacher tokenizer has no chat_template "
-                            "(tokenizer_config.json / chat_template.jinja); drop the flag")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -121,13 +79,19 @@ def sample_next(logits_bv: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p"))
-def pick(logits_bv, key, *, vocab_size: int, temperature: float, top_p: float):
+@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p", "full_logits"))
+def pick(logits_bv, key_data, *, vocab_size: int, temperature: float, top_p: float,
+         full_logits: bool = True):
     """The next token of every row from its logits (embedding padding cut to vocab_size):
-    (chosen [B], top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size])."""
+    (chosen [B], top_ids [B, K], top_logits [B, K], logits_bv float32 [B, vocab_size] or None
+    unless full_logits), replicated under a mesh (hosts.py: every process sees every row).
+    `key_data`: the raw uint32 data of a jax.random key (a host array every process passes)."""
     logits_bv = logits_bv[:, :vocab_size]
     top_logits, top_ids = jax.lax.top_k(logits_bv, TOP_K)
-    return sample_next(logits_bv, key, temperature, top_p), top_ids, top_logits, logits_bv
+    chosen = sample_next(logits_bv, jax.random.wrap_key_data(key_data), temperature, top_p)
+    replicated = lambda x: sharding.constrain(x, (None,) * x.ndim)
+    return (replicated(chosen), replicated(top_ids), replicated(top_logits),
+            replicated(logits_bv) if full_logits else None)
 
 
 @dataclasses.dataclass
@@ -140,35 +104,42 @@ class _Row:
 def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling: Sampling,
                    stop_ids: set[int], pad_id: int, vocab_size: int, key: jax.Array,
                    batch_size: int, full_logits: bool,
-                   mesh: jax.sharding.Mesh | None = None) -> list[_Row]:
+                   mesh: jax.sharding.Mesh | None = None) -> list[_Row] | None:
     """Continues each prompt (<= batch_size of them) until a stop id or max_new_tokens:
-    one prefill of the left-padded prompts, then one cached step per token (decode.py)."""
-    width = -(-max(map(len, ids_per_prompt)) // PROMPT_BUCKET) * PROMPT_BUCKET
-    tokens = np.full((batch_size, width), pad_id, np.int32)
-    pads = np.zeros(batch_size, np.int32)
-    for r in range(batch_size):  # unused rows repeat the first prompt: one shape per bucket
-        ids = ids_per_prompt[r] if r < len(ids_per_prompt) else ids_per_prompt[0]
-        pads[r] = width - len(ids)
-        tokens[r, pads[r]:] = ids
-    lm = CachedLM(model, batch_size, width + sampling.max_new_tokens, mesh)
+    one prefill of the left-padded prompts, then one cached step per token (decode.py).
+
+    With a mesh over several processes every process calls this together: one global batch
+    of batch_size rows per process, the same key and steps everywhere (hosts.py), and each
+    gets its own rows back; None when no process has a prompt (also for no prompts at all)."""
+    layout = hosts.layout_batch(ids_per_prompt, batch_size, pad_id, PROMPT_BUCKET,
+                                hosts.spans_processes(mesh))
+    if layout is None:
+        return None
+    lm = CachedLM(model, len(layout.pads), layout.tokens.shape[1] + sampling.max_new_tokens, mesh)
     rows = [_Row() for _ in ids_per_prompt]
-    logits_bv = lm.prefill(tokens, pads)
+    done = ~layout.real  # rows with no prompt of their own never hold back the stop
+    stop = np.array(sorted(stop_ids), np.int64)
+    logits_bv = lm.prefill(layout.tokens, layout.pads)
     for step in range(sampling.max_new_tokens):
         key, sub = jax.random.split(key)
-        chosen_b, top_ids, top_logits, logits = pick(
-                logits_bv, sub, vocab_size=vocab_size, temperature=sampling.temperature,
-                top_p=sampling.top_p)
+        with lm.mesh_context():
+            chosen_b, top_ids, top_logits, logits = pick(
+                    logits_bv, lm.put(np.asarray(jax.random.key_data(sub))), vocab_size=vocab_size,
+                    temperature=sampling.temperature, top_p=sampling.top_p,
+                    full_logits=full_logits)
         if step + 1 < sampling.max_new_tokens:  # dispatched before this step's results are read
             logits_bv = lm.extend(chosen_b[:, None])[:, 0]
-        chosen, top_ids, top_logits = map(np.asarray, (chosen_b, top_ids, top_logits))
-        logits = np.asarray(logits) if full_logits else None
+        chosen = np.asarray(chosen_b)  # every row's: the stop test is the same on every process
+        top_ids, top_logits = (hosts.own_rows(x, layout.own) for x in (top_ids, top_logits))
+        logits = hosts.own_rows(logits, layout.own) if full_logits else None
         for r, row in enumerate(rows):
             if row.done:
                 continue
-            row.ids.append(int(chosen[r]))
+            row.ids.append(int(chosen[layout.own.start + r]))
             row.entries.append((top_ids[r], top_logits[r], None if logits is None else logits[r]))
-            row.done = int(chosen[r]) in stop_ids
-        if all(row.done for row in rows):
+            row.done = row.ids[-1] in stop_ids
+        done |= np.isin(chosen, stop)
+        if done.all():
             break
     return rows
 
@@ -218,11 +189,22 @@ def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
 
 
 def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
-                  sampling: Sampling = Sampling(), *, batch_size: int = 8,
-                  full_logits: bool = False, chat_template: bool = False,
-                  mesh: jax.sharding.Mesh | None = None) -> Iterator[tuple[str, _Row]]:
-    """(prompt text, generated row) per prompt, in prompt order, produced batch by batch (rows
-    of a batch over the mesh's data axes, heads over `tensor`, when `mesh` is given)."""
+                  sampling: Sampling = Sampling(), **options) -> Iterator[tuple[str, _Row]]:
+    """(prompt text, generated row) per prompt, in prompt order (options: generate_batches's)."""
+    for batch in generate_batches(model, tokenizer, prompts, sampling, **options):
+        yield from batch
+
+
+def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
+                     sampling: Sampling = Sampling(), *, batch_size: int = 8,
+                     full_logits: bool = False, chat_template: bool = False,
+                     mesh: jax.sharding.Mesh | None = None,
+                     numbers: Iterable[int] | None = None) -> Iterator[list[tuple[str, _Row]]]:
+    """(prompt text, generated row) for each batch of `batch_size` prompts, in prompt order
+    (rows over the mesh's data axes, heads over `tensor`, when `mesh` is given). With a mesh
+    over several processes each batch is one collective step (hosts.py): a process whose
+    prompts are done takes part with an empty batch until every process's are. `numbers`:
+    the prompts' numbers in error messages (default 0, 1, ...; a process's share: its own)."""
     cfg = model.cfg
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
@@ -234,27 +216,33 @@ def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts
     stop_ids = {i for i in (tokenizer.eos_token_id, *model_eos) if i is not None}
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
     key = jax.random.key(sampling.seed)
-    batch: list[tuple[str, list[int]]] = []
-
-    def flush() -> Iterator[tuple[str, _Row]]:
-        nonlocal key
+    collective = hosts.spans_processes(mesh)
+    numbered = zip(itertools.count() if numbers is None else numbers, prompts)
+    while True:
+        batch, error = [], None
+        try:
+            for index, prompt in itertools.islice(numbered, batch_size):
+                text, ids = prompt_ids(tokenizer, prompt, chat_template)
+                if len(ids) + sampling.max_new_tokens > cfg.max_sequence_length:
+                    raise GenerateError(f"prompt {index} has {len(ids)} tokens; with "
+                                        f"--max-new-tokens {sampling.max_new_tokens} that passes "
+                                        f"the teacher's max_sequence_length "
+                                        f"{cfg.max_sequence_length}: shorten it")
+                batch.append((text, ids))
+        except GenerateError as e:
+            error = e
+        if collective:  # a process that stopped alone would leave the others waiting
+            hosts.raise_together(error)
+        elif error:
+            raise error
+        if not batch and not collective:
+            return
         key, sub = jax.random.split(key)
         rows = generate_batch(model, [ids for _, ids in batch], sampling, stop_ids, pad_id,
                               cfg.vocab_size, sub, batch_size, full_logits, mesh)
-        yield from ((text, row) for (text, _), row in zip(batch, rows))
-        batch.clear()
-
-    for index, prompt in enumerate(prompts):
-        text, ids = prompt_ids(tokenizer, prompt, chat_template)
-        if len(ids) + sampling.max_new_tokens > cfg.max_sequence_length:
-            raise GenerateError(f"prompt {index} has {len(ids)} tokens; with --max-new-tokens "
-                                f"{sampling.max_new_tokens} that passes the teacher's "
-                                f"max_sequence_length {cfg.max_sequence_length}: shorten it")
-        batch.append((text, ids))
-        if len(batch) == batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
+        if rows is None:
+            return
+        yield [(text, row) for (text, _), row in zip(batch, rows)]
 
 
 def _checked_out_path(out_path: str | pathlib.Path) -> pathlib.Path:
@@ -311,11 +299,35 @@ def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path 
                      prompts: Sequence[str | pathlib.Path], out: str | pathlib.Path,
                      sampling: Sampling = Sampling(), *, dtype: str = "float32",
                      mesh: jax.sharding.Mesh | None = None, **options) -> int:
-    """The subcommand as a function (the demo calls it); `options` go to generate_records."""
+    """The subcommand as a function (the demo calls it); `options` go to generate_records.
+    Several processes: each generates its share and process 0 writes `out` (others return 0)."""
     _checked_out_path(out)
     model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
-    return write_records(generate_records(model, tok, read_prompts(prompts), sampling, mesh=mesh,
-                                          **options), out)
+    if jax.process_count() == 1:
+        return write_records(generate_records(model, tok, read_prompts(prompts), sampling,
+                                              mesh=mesh, **options), out)
+    print(hosts.describe_share(model))
+    records = shared_records(model, tok, list(read_prompts(prompts)), sampling, mesh=mesh, **options)
+    if jax.process_index() == 0:
+        return write_records(records, out)
+    for _ in records:  # the other processes take part in every round
+        pass
+    return 0
+
+
+def shared_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   sampling: Sampling = Sampling(), *, batch_size: int = 8,
+                   **options) -> Iterator[dict]:
+    """Several processes: each generates its share of `prompts` (hosts.py); every record, in
+    prompt order, on every process (options: generate_batches's)."""
+    count, rank = jax.process_count(), jax.process_index()
+    token_text = _TokenText(tokenizer)
+    batches = generate_batches(model, tokenizer, prompts[rank::count], sampling,
+                               batch_size=batch_size, numbers=range(rank, len(prompts), count),
+                               **options)
+    for batch in hosts.own_rounds(batches, len(prompts), batch_size):
+        local = [(index, to_record(text, row, tokenizer, token_text)) for index, text, row in batch]
+        yield from (record for _, record in sorted(hosts.gather(local), key=lambda x: x[0]))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -372,6 +384,9 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise GenerateError("; ".join(problems))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    from llada_jax.train.trainer import maybe_initialize_distributed
+
+    maybe_initialize_distributed(args)  # before the mesh: it spans every process's devices
     mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.records:
         from llada_jax.teacher import to_records  # it builds on this module
@@ -379,5 +394,6 @@ def run(args: argparse.Namespace) -> int:
     count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
                              dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
                              full_logits=args.full_logits, chat_template=args.chat_template)
-    print(f"generate-teacher: wrote {count} records to {args.out}")
+    if jax.process_index() == 0:
+        print(f"generate-teacher: wrote {count} records to {args.out}")
     return 0

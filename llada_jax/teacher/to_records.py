@@ -11,24 +11,22 @@ vocabulary) and dataset writer (preprocess.write_dataset: same TFDS layout, spli
 and skipped.jsonl). So the dataset equals `generate-teacher --full-logits` then `preprocess`
 with the same options, up to the JSON route's rounding of logits to 5 decimals.
 
-Multi-host (jax.process_count() > 1): process p generates prompts p, p + P, p + 2P, ...; after
-each round of one batch per process the converted records are gathered (allgather over JAX's
-collectives) and process 0 writes them, in prompt order, once. DATA_DIR is read by every
+Multi-host (jax.process_count() > 1): process p generates prompts p, p + P, p + 2P, ... (with
+--mesh, all processes decode together, one teacher sharded over the global mesh: hosts.py);
+after each round of one batch per process the converted records are gathered (allgather over
+JAX's collectives) and process 0 writes them, in prompt order, once. DATA_DIR is read by every
 process (shared storage such as GCS on a pod) to decide whether a finished dataset is reused.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import pickle
 import sys
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline import preprocess, records
@@ -36,7 +34,7 @@ from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.validate import Entry, TeacherRecord
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import generate as gen
-from llada_jax.train.trainer import maybe_initialize_distributed
+from llada_jax.teacher import hosts
 
 SOURCE = "generate-teacher"  # the `file` of each record in the report
 
@@ -61,22 +59,22 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
                           overwrite: bool = False, **options) -> dict | None:
     """Generates for `prompts` (all of them: each process takes its share) and writes the
     dataset under `out`; the report dict on process 0, None on the others. `options`:
-    generate_rows's (chat_template, mesh)."""
+    generate_batches's (chat_template, mesh)."""
     converter = preprocess._checked_converter(opts)
     count, rank = jax.process_count(), jax.process_index()
+    prompts = list(prompts)
     finished = os.path.isdir(os.path.join(out, records.NAME, records.VERSION)) and not overwrite
-    rows = gen.generate_rows(model, tokenizer, list(prompts)[rank::count], sampling,
-                             batch_size=batch_size, full_logits=True, **options)
-    rounds = 0 if finished else math.ceil(math.ceil(len(prompts) / count) / batch_size)
+    batches = gen.generate_batches(model, tokenizer, prompts[rank::count], sampling,
+                                   batch_size=batch_size, full_logits=True,
+                                   numbers=range(rank, len(prompts), count), **options)
     token_text = gen._TokenText(tokenizer)
 
     def results() -> Iterator[Result]:
-        for round_no in range(rounds):  # every process the same number of rounds
-            local = [converter.convert_parsed(
-                         SOURCE, rank + count * (round_no * batch_size + j),
-                         teacher_record(text, row, tokenizer, token_text, converter))
-                     for j, (text, row) in zip(range(batch_size), rows)]
-            yield from sorted(_allgather(local) if count > 1 else local, key=lambda r: r.index)
+        for batch in hosts.own_rounds(batches, 0 if finished else len(prompts), batch_size):
+            local = [converter.convert_parsed(SOURCE, index, teacher_record(
+                         text, row, tokenizer, token_text, converter))
+                     for index, text, row in batch]
+            yield from sorted(hosts.gather(local), key=lambda r: r.index)
 
     if rank == 0:
         return preprocess.write_dataset(results, out, opts, converter, inputs=[SOURCE],
@@ -86,20 +84,12 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
     return None
 
 
-def _allgather(local: list[Result]) -> list[Result]:
-    """Every process's results, on every process (pickled bytes over JAX's collectives)."""
-    payload = np.frombuffer(pickle.dumps(local), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64)).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:payload.size] = payload
-    gathered = multihost_utils.process_allgather(padded)
-    return [r for p, size in enumerate(sizes) for r in pickle.loads(gathered[p, :size].tobytes())]
-
-
 def run(args, sampling: gen.Sampling, mesh) -> int:
-    """generate-teacher --records (the parsed CLI arguments of generate.add_arguments)."""
-    maybe_initialize_distributed(args)
+    """generate-teacher --records (the parsed CLI arguments of generate.add_arguments;
+    generate.run has started the processes and made the mesh)."""
     model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
+    if jax.process_count() > 1:
+        print(hosts.describe_share(model))
     teacher_tokenizer = args.tokenizer or args.teacher
     opts = Options(args.student_tokenizer, str(teacher_tokenizer), args.max_length, args.top_k,
                    model.cfg.vocab_size, validation_fraction=args.validation_fraction,

@@ -272,3 +272,63 @@ def test_streak_intersection_train_step_matches_numpy(tmp_path):
             acceptance = (mean_alpha if step == 0 else 0.5 * acceptance + 0.5 * mean_alpha)
             np.testing.assert_allclose(np.asarray(state.acceptance), acceptance, rtol=1e-5)
     assert np.ptp(acceptance) > 1e-3  # so step 2's streak weights differed from uniform
+
+
+def test_streak_acceptance_resumes_bit_exact(tmp_path, capsys):
+    """The smoothed acceptance lives in the checkpointed train state: a run resumed from its
+    step-4 checkpoint (the step-8 one removed) ends bit for bit where the straight run does,
+    params and acceptance (steps 5-8 are weighted by the restored acceptance)."""
+    import shutil
+
+    from llada_jax.train import config as train_config
+    from llada_jax.train.trainer import Trainer
+    from tests.helpers import ROOT, make_dataset
+
+    data_dir = make_dataset(str(tmp_path / "data"), n=48)
+    config = train_config.load_config(str(ROOT / "configs" / "tiny.py"), [
+        f"--config.data.dir={data_dir}", "--config.data.seq_len=64",
+        "--config.data.global_batch_size=8", "--config.train.num_steps=8",
+        "--config.train.num_epochs=1000", "--config.train.checkpoint_every=4",
+        "--config.train.eval_every=0", "--config.train.async_checkpointing=False",
+        "--config.loss.mask_mode=draft_blocks", "--config.loss.position_weights=streak",
+        "--config.loss.draft_score_prefix=True", "--config.optim.lr=1e-2"])
+
+    def run(workdir):
+        trainer = Trainer(config, workdir, progress=False)
+        trainer.fit()
+        return jax.tree.map(np.asarray, (trainer.final_state.params, trainer.final_state.acceptance))
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
+    capsys.readouterr()
+    resumed = run(tmp_path / "resumed")
+    assert "resumed from step 4" in capsys.readouterr().out
+    leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+    assert len(leaves_a) == len(leaves_b) > 2
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
+    acceptance = straight[1]
+    assert acceptance.shape == (4,) and np.all(acceptance > 0) and np.ptp(acceptance) > 1e-3
+
+
+def test_every_compare_recipe_is_a_valid_train_config(tmp_path):
+    """`demo --compare-strategies` rows: each loads as a config the train step accepts, and
+    sets what its name says."""
+    from llada_jax import demo
+    from llada_jax.train import config as train_config
+    from llada_jax.train import train_step
+
+    for name, overrides in demo.RECIPES.items():
+        config = train_config.apply_overrides(  # (no dataset: validate() would look for it)
+            train_config.load_config_file("tiny"),
+            demo.demo_overrides(tmp_path, 10, None) + list(overrides))
+        train_step.check_loss_config(config.loss)
+        mode, kind = name.split("+")[:2]
+        assert config.loss.mask_mode == mode.replace("_dense", "").replace("_mixed", "")
+        assert config.loss.kind == kind
+        assert (config.loss.position_weights == "streak") == ("streak" in name)
+        assert config.loss.intersection_vocab == ("intersection" in name)
+        assert config.loss.draft_score_prefix == ("_dense" in mode or "_mixed" in mode)
+        assert config.loss.draft_score_trailing == ("_mixed" in mode)
+        assert (config.loss.draft_original_fraction > 0) == ("_mixed" in mode)

@@ -155,3 +155,180 @@ def test_draft_blocks_layout_per_segment(gamma, gamma_max, trailing):
     assert len(cuts) > 3
     if gamma_max:
         assert len(gammas) >= 2  # gamma is drawn per segment
+
+
+def test_draft_blocks_denser_signal_options():
+    """score_prefix / score_trailing add the visible prefix / the trailing masks to the scored
+    positions (offsets stay the block's); original_fraction leaves whole segments, drawn per
+    segment, to the original masking (nothing hidden, every response target scored)."""
+    batch = packed_batch(np.random.default_rng(15), rows=40, seq=40, segments=SEGMENTS)
+    gamma, trailing = 2, 2
+    base = masking.draft_blocks(jax.random.key(4), batch, mask_token_id=MASK, gamma=gamma,
+                                trailing=trailing)
+    dense = masking.draft_blocks(jax.random.key(4), batch, mask_token_id=MASK, gamma=gamma,
+                                 trailing=trailing, score_prefix=True, score_trailing=True)
+    response = np.asarray(masking.response_mask(batch))
+    target = np.asarray(batch["target_mask"])
+    masked = np.asarray(base.noisy) == MASK
+    for a, b in zip(base, dense):  # same layout and offsets, only the loss mask grows
+        if a is not base.loss_mask:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    visible = response & ~masked & (np.asarray(base.segment_ids) > 0)
+    np.testing.assert_array_equal(np.asarray(dense.loss_mask), (masked | visible) & target)
+    assert np.asarray(dense.loss_mask).sum() > 2 * np.asarray(base.loss_mask).sum()
+
+    mixed = masking.draft_blocks(jax.random.key(5), batch, mask_token_id=MASK, gamma=gamma,
+                                 trailing=trailing, original_fraction=0.5)
+    kinds = []
+    for row in range(40):
+        for sid in range(1, len(SEGMENTS) + 1):
+            resp = np.flatnonzero((batch["segment_ids"][row] == sid) & response[row])
+            seg_masked = np.asarray(mixed.noisy)[row, resp] == MASK
+            original = bool(np.all(np.asarray(mixed.loss_mask)[row, resp] == target[row, resp]))
+            drafted = (seg_masked.sum() <= gamma + trailing
+                       and np.asarray(mixed.loss_mask)[row, resp].sum() <= gamma)
+            assert original or drafted
+            if original and not drafted:
+                assert np.all(np.asarray(mixed.segment_ids)[row, resp] == sid)
+                assert np.all(np.asarray(mixed.offset)[row, resp] == -1)
+                kinds.append(1)
+            elif drafted and not original:
+                kinds.append(0)
+    assert 0.3 < np.mean(kinds) < 0.7 and len(kinds) > 60  # about half of each kind
+
+
+STREAK_STEP = {"loss.mask_mode": "draft_blocks", "loss.position_weights": "streak",
+               "loss.intersection_vocab": True, "loss.draft_gamma": 3, "loss.draft_trailing": 2,
+               "loss.draft_score_prefix": True, "loss.streak_ema": 0.5, "loss.chunk_size": 16,
+               "optim.lr": 1e-2, "optim.warmup_steps": 0}
+
+
+def numpy_step_reference(jitted, params, batch, rng, step, loss_cfg, bias, acceptance):
+    """float64 NumPy: (sum of streak-weighted KL over the scored positions, mean alpha per
+    offset) of one step of `jit_train_step` on `batch`; the layout from `training_mask` (tested
+    above), the hidden states from the model, the rest written from the definitions."""
+    from flax import nnx
+
+    from llada_jax.train import train_step
+
+    noisy, mask, offsets, segs = (np.asarray(x) for x in train_step.training_mask(
+        jax.random.fold_in(rng, step), batch, loss_cfg, jitted.model_cfg.mask_token_id))
+    model = nnx.merge(jitted.graphdef, params)
+    hidden = np.asarray(model(jnp.asarray(noisy), positions_bl=batch["positions"],
+                              segment_ids_bl=jnp.asarray(segs), return_hidden=True), np.float64)
+    logits = hidden @ np.asarray(model.lm_head_weight(), np.float64) + bias
+    v, k = logits.shape[-1], batch["teacher_ids"].shape[-1]
+    p, q = np_buckets(logits.reshape(-1, v), batch["teacher_ids"].reshape(-1, k),
+                      batch["teacher_logprobs"].reshape(-1, k), 1.0)
+    kl = np_divergence(p, q, "kl").reshape(mask.shape)
+    alpha = np.minimum(p, q).sum(-1).reshape(mask.shape)
+    g = int(loss_cfg.draft_gamma)
+    if np.all(acceptance < 0):
+        w_g = np.ones(g)
+    else:
+        prefix = np.cumprod(np.clip(acceptance, loss.STREAK_ALPHA_FLOOR, 1.0))
+        w_g = np.array([prefix[j:].sum() for j in range(g)])
+        w_g = w_g / w_g.mean()
+    weights = np.where(offsets >= 0, w_g[np.maximum(offsets, 0)], 1.0)
+    mean_alpha = np.array([alpha[(offsets == j) & mask].mean() for j in range(g)])
+    return float(np.sum(np.where(mask, weights * kl, 0.0))), mean_alpha
+
+
+def test_streak_intersection_train_step_matches_numpy(tmp_path):
+    """Two steps of the jitted train step (draft_blocks + streak weights + the TLI intersection
+    bias the trainer builds from the tokenizers): each step's loss sum and the state's smoothed
+    acceptance against a float64 NumPy reference; step 2's weights are not uniform."""
+    from data_pipeline import batch as batch_lib
+    from llada_jax import sharding
+    from llada_jax.model.config import ModelConfig
+    from llada_jax.train import config as train_config
+    from llada_jax.train import train_step
+    from tests.helpers import ROOT, make_tokenizers
+
+    model_cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                            vocab_size=96, mask_token_id=95, dtype="float32")
+    teacher_dir, student_dir = make_tokenizers(str(tmp_path))
+    bias = np.asarray(loss.intersection_bias(student_dir, teacher_dir, 96, 95), np.float64)
+    allowed = np.flatnonzero(np.isfinite(bias))
+    assert 20 < len(allowed) < 95  # a real restriction
+    config = train_config.load_config(str(ROOT / "configs" / "tiny.py"),
+                                      [f"--config.{k}={v}" for k, v in STREAK_STEP.items()])
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    jitted = train_step.jit_train_step(config, model_cfg, mesh, sharding.DEFAULT_RULES,
+                                       total_steps=10, vocab_bias=jnp.asarray(bias, jnp.float32))
+    state, rng = jitted.random_state(0), jax.random.key(9)
+    acceptance = np.full(3, -1.0)
+    with jax.set_mesh(mesh), sharding.rules_context(sharding.DEFAULT_RULES):
+        for step in range(2):
+            batch = batch_lib.synthetic(np.random.default_rng(step), (6, 32, 5),
+                                        vocab_size=len(allowed), segments=[(3, 11), (4, 12)])
+            for name in ("tokens", "teacher_ids"):  # every id inside the intersection
+                batch[name] = allowed[batch[name]].astype(np.int32)
+            params = jax.tree.map(np.array, state.params)  # the step donates its state
+            want_sum, mean_alpha = numpy_step_reference(jitted, params, batch, rng, step,
+                                                        config.loss, bias, acceptance)
+            state, metrics = jitted.step(state, batch, rng)
+            np.testing.assert_allclose(float(metrics["loss_sum"]), want_sum, rtol=2e-5)
+            acceptance = (mean_alpha if step == 0 else 0.5 * acceptance + 0.5 * mean_alpha)
+            np.testing.assert_allclose(np.asarray(state.acceptance), acceptance, rtol=1e-5)
+    assert np.ptp(acceptance) > 1e-3  # so step 2's streak weights differed from uniform
+
+
+def test_streak_acceptance_resumes_bit_exact(tmp_path, capsys):
+    """The smoothed acceptance lives in the checkpointed train state: a run resumed from its
+    step-4 checkpoint (the step-8 one removed) ends bit for bit where the straight run does,
+    params and acceptance (steps 5-8 are weighted by the restored acceptance)."""
+    import shutil
+
+    from llada_jax.train import config as train_config
+    from llada_jax.train.trainer import Trainer
+    from tests.helpers import ROOT, make_dataset
+
+    data_dir = make_dataset(str(tmp_path / "data"), n=48)
+    config = train_config.load_config(str(ROOT / "configs" / "tiny.py"), [
+        f"--config.data.dir={data_dir}", "--config.data.seq_len=64",
+        "--config.data.global_batch_size=8", "--config.train.num_steps=8",
+        "--config.train.num_epochs=1000", "--config.train.checkpoint_every=4",
+        "--config.train.eval_every=0", "--config.train.async_checkpointing=False",
+        "--config.loss.mask_mode=draft_blocks", "--config.loss.position_weights=streak",
+        "--config.loss.draft_score_prefix=True", "--config.optim.lr=1e-2"])
+
+    def run(workdir):
+        trainer = Trainer(config, workdir, progress=False)
+        trainer.fit()
+        return jax.tree.map(np.asarray, (trainer.final_state.params, trainer.final_state.acceptance))
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
+    capsys.readouterr()
+    resumed = run(tmp_path / "resumed")
+    assert "resumed from step 4" in capsys.readouterr().out
+    leaves_a, leaves_b = jax.tree.leaves(straight), jax.tree.leaves(resumed)
+    assert len(leaves_a) == len(leaves_b) > 2
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
+    acceptance = straight[1]
+    assert acceptance.shape == (4,) and np.all(acceptance > 0) and np.ptp(acceptance) > 1e-3
+
+
+def test_every_compare_recipe_is_a_valid_train_config(tmp_path):
+    """`demo --compare-strategies` rows: each loads as a config the train step accepts, and
+    sets what its name says."""
+    from llada_jax import demo
+    from llada_jax.train import config as train_config
+    from llada_jax.train import train_step
+
+    for name, overrides in demo.RECIPES.items():
+        config = train_config.apply_overrides(  # (no dataset: validate() would look for it)
+            train_config.load_config_file("tiny"),
+            demo.demo_overrides(tmp_path, 10, None) + list(overrides))
+        train_step.check_loss_config(config.loss)
+        mode, kind = name.split("+")[:2]
+        assert config.loss.mask_mode == mode.replace("_dense", "").replace("_mixed", "")
+        assert config.loss.kind == kind
+        assert (config.loss.position_weights == "streak") == ("streak" in name)
+        assert config.loss.intersection_vocab == ("intersection" in name)
+        assert config.loss.draft_score_prefix == ("_dense" in mode or "_mixed" in mode)
+        assert config.loss.draft_score_trailing == ("_mixed" in mode)
+        assert (config.loss.draft_original_fraction > 0) == ("_mixed" in mode)

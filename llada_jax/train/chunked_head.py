@@ -109,7 +109,11 @@ class LossOpts(NamedTuple):
 
 
 def offset_sums(values_n: jax.Array, offsets_n: jax.Array, n_offsets: int) -> jax.Array:
-    """float32 [n_offsets]: the sum of values at each offset 0..n_offsets-1 (others dropped)."""
+    """float32 [n_offsets]: the sum of values at each offset 0..n_offsets-1 (others dropped).
+
+    Offset -1 (no offset) is moved out of range first: scatter wraps negative indices, even
+    with mode="drop", and would add it to the last offset."""
+    offsets_n = jnp.where(offsets_n >= 0, offsets_n, n_offsets)
     return jnp.zeros((n_offsets,), jnp.float32).at[offsets_n].add(values_n, mode="drop")
 
 

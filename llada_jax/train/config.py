@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.draft_gamma = 4             # draft_blocks: masked, scored block length
     c.loss.draft_gamma_max = 0         # > draft_gamma: gamma ~ U{draft_gamma..draft_gamma_max}
     c.loss.draft_trailing = 4          # draft_blocks: trailing masks (speculate --trailing-masks)
+    c.loss.draft_score_prefix = False  # draft_blocks: also score the visible response prefix
+    c.loss.draft_score_trailing = False  # draft_blocks: also score the trailing masks
+    c.loss.draft_original_fraction = 0.0  # draft_blocks: segments left to the original masking
     c.loss.intersection_vocab = False  # student restricted to the TLI intersection (loss.intersection_bias)
     # -- end acceptance training --
 
@@ -245,6 +248,8 @@ def _choice_fields() -> dict[str, tuple]:
                    "loss.mask_mode": masking.MODES,
                    "loss.position_weights": loss_lib.POSITION_WEIGHTS,
                    "loss.intersection_vocab": (True, False),
+                   "loss.draft_score_prefix": (True, False),
+                   "loss.draft_score_trailing": (True, False),
                    "model.scan_layers": (True, False), "data.pack": (True, False),
                    "train.async_checkpointing": (True, False)})
     return fields
@@ -269,6 +274,7 @@ _RANGES = {
     "loss.draft_gamma": (lambda v: v > 0, "> 0"),
     "loss.draft_gamma_max": (lambda v: v >= 0, ">= 0 (0: always draft_gamma)"),
     "loss.draft_trailing": (lambda v: v >= 0, ">= 0"),
+    "loss.draft_original_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.lr": (lambda v: v > 0, "> 0"),
     "optim.final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),

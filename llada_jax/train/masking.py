@@ -129,38 +129,64 @@ def drafting_batch(batch: Batch, rng_or_cuts, gamma: int, *, mask_token_id: int
 class DraftBlocks(NamedTuple):
     """One training row laid out the way `speculate` drafts (see `draft_blocks`)."""
     noisy: jax.Array        # int32 [B, L] tokens with the block and its trailing run masked
-    loss_mask: jax.Array    # bool [B, L] the block's positions that have a target
+    loss_mask: jax.Array    # bool [B, L] the scored positions that have a target
     offset: jax.Array       # int32 [B, L] offset within the block (0..gamma-1), -1 elsewhere
     segment_ids: jax.Array  # int32 [B, L] the batch's, 0 (hidden padding) after the trailing run
 
 
 def draft_blocks(rng: jax.Array, batch: Batch, *, mask_token_id: int, gamma: int,
-                 gamma_max: int = 0, trailing: int = 4) -> DraftBlocks:
+                 gamma_max: int = 0, trailing: int = 4, score_prefix: bool = False,
+                 score_trailing: bool = False, original_fraction: float = 0.0,
+                 eps: float = 1e-3) -> DraftBlocks:
     """Each packed segment becomes one drafting step of `speculate`: the prompt and a verified
     response prefix of length c ~ U{0, .., n - 1} are visible, the next gamma positions (gamma
     per segment ~ U{gamma, .., gamma_max} when gamma_max > gamma) are masked and scored, then
-    `trailing` more masks (speculate's --trailing-masks run, never scored), and the rest of the
-    response is hidden from attention (segment id 0, as padding) because at drafting time it
-    does not exist yet.
+    `trailing` more masks (speculate's --trailing-masks run), and the rest of the response is
+    hidden from attention (segment id 0, as padding) because at drafting time it does not exist
+    yet. That is `Drafter.draft`'s input exactly: context, gamma + trailing masks, nothing after
+    (positions restart per segment as the drafter's arange does).
 
     Several blocks per row: the loader packs several examples into a row and each segment gets
     its own cut and block. Within one segment a second block would need a second prefix: its
     positions would see the first block's masks (or the tokens the first one hides), so it
     would not be a drafting condition; drawing one block per segment per step and packing rows
-    keeps every block exact. Positions keep the batch's positions (hidden keys change nothing
-    else)."""
+    keeps every block exact.
+
+    One block scores only gamma positions of a segment where the original masking scores all
+    of its response, so at a fixed step budget the student sees far less signal. What makes up
+    for it without leaving the drafting condition (offsets, and so the position weights, stay
+    those of the block; the extra positions weigh 1):
+    - score_prefix: the visible prefix's positions with a target are scored too, as the
+      original counts its visible positions (the teacher's distribution of a token seen in
+      context);
+    - score_trailing: the trailing masks are scored too (the same prediction further ahead);
+    - original_fraction: that fraction of the segments (drawn per segment) keeps the original
+      masking instead (`diffusion_mask` 'original', every response position scored, nothing
+      hidden).
+    """
     response = response_mask(batch)
     segment_ids = batch["segment_ids"]
     index, length = _response_index_and_length(segment_ids, response)
-    rng_cut, rng_gamma = jax.random.split(rng)
+    rng_cut, rng_gamma, rng_mix, rng_original = jax.random.split(rng, 4)
     offset = index - _cut_points(rng_cut, segment_ids, length)
     gamma_bl = jnp.full(offset.shape, gamma, jnp.int32)
     if gamma_max > gamma:
         u = _per_segment_uniform(rng_gamma, segment_ids)
         gamma_bl = gamma + jnp.floor(u * (gamma_max - gamma + 1)).astype(jnp.int32)
     masked = response & (offset >= 0) & (offset < gamma_bl + trailing)
-    scored = masked & (offset < gamma_bl) & batch["target_mask"]
+    block = masked & (offset < gamma_bl) & batch["target_mask"]
+    scored = (masked & batch["target_mask"]) if score_trailing else block
+    if score_prefix:
+        scored = scored | (response & (offset < 0) & batch["target_mask"])
     hidden = response & (offset >= gamma_bl + trailing)
     noisy = jnp.where(masked, jnp.int32(mask_token_id), batch["tokens"].astype(jnp.int32))
-    return DraftBlocks(noisy, scored, jnp.where(scored, offset, -1).astype(jnp.int32),
-                       jnp.where(hidden, 0, segment_ids).astype(jnp.int32))
+    offset = jnp.where(block, offset, -1).astype(jnp.int32)
+    segs = jnp.where(hidden, 0, segment_ids).astype(jnp.int32)
+    if original_fraction > 0:
+        original = _per_segment_uniform(rng_mix, segment_ids) < original_fraction
+        noisy_o, scored_o = diffusion_mask(rng_original, batch, mask_token_id=mask_token_id,
+                                           mode="original", eps=eps)
+        noisy, scored = jnp.where(original, noisy_o, noisy), jnp.where(original, scored_o, scored)
+        offset = jnp.where(original, -1, offset)
+        segs = jnp.where(original, segment_ids, segs).astype(jnp.int32)
+    return DraftBlocks(noisy, scored, offset, segs)

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from data_pipeline.batch import Batch
+from llada_jax.train import chunked_head
 from llada_jax.train import loss as loss_lib
 from llada_jax.train import masking
 from llada_jax.train import optim
@@ -70,7 +71,11 @@ def training_mask(rng, batch: Batch, loss_cfg: ml_collections.ConfigDict, mask_t
         blocks = masking.draft_blocks(rng, batch, mask_token_id=mask_token_id,
                                       gamma=int(loss_cfg.draft_gamma),
                                       gamma_max=int(loss_cfg.draft_gamma_max),
-                                      trailing=int(loss_cfg.draft_trailing))
+                                      trailing=int(loss_cfg.draft_trailing),
+                                      score_prefix=bool(loss_cfg.draft_score_prefix),
+                                      score_trailing=bool(loss_cfg.draft_score_trailing),
+                                      original_fraction=float(loss_cfg.draft_original_fraction),
+                                      eps=float(loss_cfg.mask_eps))
         return blocks.noisy, blocks.loss_mask, blocks.offset, blocks.segment_ids
     noisy, loss_mask = masking.diffusion_mask(rng, batch, mask_token_id=mask_token_id,
                                               mode=loss_cfg.mask_mode, eps=loss_cfg.mask_eps)
@@ -183,8 +188,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 def _smoothed_acceptance(ema_g, alpha_sums_g, offsets_bl, loss_mask_bl, decay: float):
     """EMA of this batch's mean acceptance per offset (offsets this batch did not reach keep
     their value; the first measurement replaces the -1 start)."""
-    counts_g = jnp.zeros(ema_g.shape, jnp.float32).at[
-        jnp.where(loss_mask_bl, offsets_bl, -1).reshape(-1)].add(1.0, mode="drop")
+    counts_g = chunked_head.offset_sums(loss_mask_bl.reshape(-1).astype(jnp.float32),
+                                        offsets_bl.reshape(-1), ema_g.shape[0])
     mean_g = alpha_sums_g / jnp.maximum(counts_g, 1.0)
     new = jnp.where(ema_g < 0, mean_g, decay * ema_g + (1.0 - decay) * mean_g)
     return jnp.where(counts_g > 0, new, ema_g)

@@ -94,7 +94,8 @@ class CachedLM:
         pad_b..W-1); returns the next-token logits float32 [B, V] after each prompt."""
         pad_b = np.asarray(pad_b, np.int32)
         self._start[:], self._slots[:] = pad_b, 0
-        self.cache = self.cache._replace(start_b=self.put(pad_b), length_b=self.put(np.zeros_like(pad_b)))
+        self.cache = self.cache._replace(start_b=self.put(pad_b),
+                                         length_b=self.put(np.zeros_like(pad_b)))
         return self._run(tokens_bw, all_logits=False)[:, 0]
 
     def extend(self, tokens_bk) -> jax.Array:

@@ -307,7 +307,8 @@ def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path 
         return write_records(generate_records(model, tok, read_prompts(prompts), sampling,
                                               mesh=mesh, **options), out)
     print(hosts.describe_share(model))
-    records = shared_records(model, tok, list(read_prompts(prompts)), sampling, mesh=mesh, **options)
+    records = shared_records(model, tok, list(read_prompts(prompts)), sampling, mesh=mesh,
+                             **options)
     if jax.process_index() == 0:
         return write_records(records, out)
     for _ in records:  # the other processes take part in every round

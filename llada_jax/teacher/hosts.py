@@ -55,7 +55,7 @@ def layout_batch(ids_per_prompt: Sequence[Sequence[int]], batch_size: int, pad_i
     lengths = np.full(batch_size, -1, np.int32)  # -1: no prompt in this row
     lengths[:len(ids_per_prompt)] = [len(ids) for ids in ids_per_prompt]
     if collective:
-        lengths = np.array(multihost_utils.process_allgather(lengths)).reshape(-1)
+        lengths = _allgather(lengths).reshape(-1)
     real = lengths >= 0
     if not real.any():
         return None
@@ -64,7 +64,7 @@ def layout_batch(ids_per_prompt: Sequence[Sequence[int]], batch_size: int, pad_i
     for r, ids in enumerate(ids_per_prompt):
         tokens[r, width - len(ids):] = ids
     if collective:
-        tokens = np.array(multihost_utils.process_allgather(tokens)).reshape(-1, width)
+        tokens = _allgather(tokens).reshape(-1, width)
     first = int(np.argmax(real))
     tokens[~real], lengths[~real] = tokens[first], lengths[first]
     start = rank * batch_size
@@ -74,7 +74,7 @@ def layout_batch(ids_per_prompt: Sequence[Sequence[int]], batch_size: int, pad_i
 def raise_together(error: Exception | None) -> None:
     """Collective: raises `error` where it happened and a GenerateError naming that process on
     every other process, so that no process is left waiting for the others."""
-    failed = np.asarray(multihost_utils.process_allgather(np.array([error is not None]))).reshape(-1)
+    failed = _allgather(np.array([error is not None])).reshape(-1)
     if error is not None:
         raise error
     if failed.any():
@@ -110,16 +110,22 @@ def gather(local: list) -> list:
     if jax.process_count() == 1:
         return list(local)
     payload = np.frombuffer(pickle.dumps(local), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
+    sizes = _allgather(np.array([payload.size], np.int64)).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:payload.size] = payload
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [item for p, size in enumerate(sizes) for item in pickle.loads(gathered[p, :size].tobytes())]
+    gathered = _allgather(padded)
+    return [item for p, size in enumerate(sizes)
+            for item in pickle.loads(gathered[p, :size].tobytes())]
 
 
 def describe_share(model) -> str:
     return (f"generate-teacher: process {jax.process_index()} of {jax.process_count()} holds "
             f"{param_share(model):.1%} of the teacher's parameter bytes")
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """[P, *x.shape]: every process's x (a writable copy), on every process."""
+    return np.array(multihost_utils.process_allgather(x))
 
 
 def param_share(model) -> float:

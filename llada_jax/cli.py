@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from llada_jax.errors import UserError
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging  # orbax and grain log routine events as warnings
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    # transformers serves tokenizers and configs here, without torch (not a dependency): its
+    # "PyTorch was not found" advice at import is noise to a user of this CLI.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args._module, "ACCEPTS_EXTRA", False):

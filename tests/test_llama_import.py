@@ -84,6 +84,19 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(llama_dir, tmp_path):
     np.testing.assert_array_equal(lf.hf_logits(tmp_path / "hf", tokens), lf.hf_logits(llama_dir, tokens))
 
 
+def test_imported_checkpoint_in_float32_matches_transformers(llama_dir, tmp_path):
+    """import-hf --dtype float32 --compute-dtype float32, then load_model: fp32 logits."""
+    from llada_jax.checkpoints import load_model
+
+    assert cli.main(["import-hf", "--hf-dir", str(llama_dir), "--out", str(tmp_path / "ck"),
+                     "--dtype", "float32", "--compute-dtype", "float32"]) == 0
+    cfg, model = load_model(tmp_path / "ck")
+    assert (cfg.param_dtype, cfg.dtype) == ("float32", "float32")
+    tokens = _tokens(seed=3)
+    got = np.asarray(model(jnp.asarray(tokens)))
+    np.testing.assert_array_less(np.abs(got - lf.hf_logits(llama_dir, tokens)).max(), 1e-5)
+
+
 def _llama_json(**changes):
     hf = lf.llama_config().to_dict()
     hf.update(changes)

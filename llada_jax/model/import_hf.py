@@ -8,7 +8,7 @@ plus config.json.
                         [--compute-dtype float32] [--mesh fsdp=4,tensor=2]
 
 --dtype is the params' dtype; --compute-dtype the activations' that `load_model` of the
-checkpoint runs in (default bfloat16, the training default; float32 for logits that match
+checkpoint runs in (default ModelConfig's, bfloat16; float32 for logits that match
 transformers' fp32 ones to 1e-5). Training and generate-teacher set their own.
 
 With --mesh each parameter is placed with its sharding while it is read (one at a time), so a
@@ -21,6 +21,7 @@ import argparse
 
 from llada_jax import sharding
 from llada_jax.checkpoints import save_params
+from llada_jax.model.config import ModelConfig
 from llada_jax.model.params import DTYPES, load_hf
 
 
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="param dtype (default: the safetensors' own)")
     parser.add_argument("--compute-dtype", choices=sorted(DTYPES), default=None,
-                        help="activation dtype recorded for load_model (default: bfloat16)")
+                        help="activation dtype recorded for load_model (default: "
+                             f"{ModelConfig.dtype}, ModelConfig's)")
     parser.add_argument("--mesh", default=None,
                         help="device mesh, e.g. fsdp=4,tensor=2 (axes data, fsdp, tensor)")
 

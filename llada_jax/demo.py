@@ -53,6 +53,9 @@ RECIPES = {
     "draft_blocks+lk+streak+intersection": _DB + _STREAK + ("--config.loss.kind=lk",) + _I,
     "draft_blocks_dense+kl": _DENSE + ("--config.loss.kind=kl",),
     "draft_blocks_dense+kl+streak": _DENSE + _STREAK + ("--config.loss.kind=kl",),
+    "draft_blocks_dense+kl+streak+intersection": _DENSE + _STREAK + ("--config.loss.kind=kl",) + _I,
+    "draft_blocks_dense+kl+streak+gamma4-8": _DENSE + _STREAK + (
+        "--config.loss.kind=kl", "--config.loss.draft_gamma_max=8"),
     "draft_blocks_dense+lk+streak": _DENSE + _STREAK + ("--config.loss.kind=lk",),
     "draft_blocks_mixed+kl": _MIXED + ("--config.loss.kind=kl",),
     "draft_blocks_mixed+lk+streak": _MIXED + _STREAK + ("--config.loss.kind=lk",),
@@ -61,6 +64,9 @@ SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
 QUICK = (64, 12, 30)
 SPEC_PROMPTS, SPEC_NEW_TOKENS, SPEC_GAMMA = 24, 16, 4  # the speculative measurement, kept short
+# --compare-strategies ranks recipes on the first SPEC_PROMPTS held-out prompts and checks the
+# ranking on the next CONFIRM_PROMPTS, which choose nothing.
+CONFIRM_PROMPTS = 48
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from the shipped pre-trained tiny LLaDA, or from scratch")
     parser.add_argument("--compare-strategies", action="store_true",
                         help="train once per recipe (loss kind, position weights, mask mode, "
-                             "TLI intersection) and rank them by measured tokens per target call")
+                             "TLI intersection) and rank them by measured tokens per target call "
+                             f"on {SPEC_PROMPTS} held-out prompts, checked on the next "
+                             f"{CONFIRM_PROMPTS}")
     parser.add_argument("--rows", default=",".join(RECIPES),
                         help=f"--compare-strategies: comma-separated recipes ({', '.join(RECIPES)})")
     parser.add_argument("--seeds", type=int, default=3,
@@ -202,9 +210,12 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
             RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}"]
         config = train_config.load_config("tiny", overrides)
-        after = align_student(config, out / f"run_{name}_s{seed}", before=False)["after"]
+        after = align_student(config, out / f"run_{name}_s{seed}", before=False,
+                              confirm=True)["after"]
+        confirmed = (f" (confirmation prompts: {after['confirm_greedy']:.3f}, "
+                     f"{after['confirm_sampled']:.3f})" if "confirm_greedy" in after else "")
         print(f"  {name} seed {seed}: measured greedy {after['measured_greedy']:.3f}, sampled "
-              f"{after['measured_sampled']:.3f}", flush=True)
+              f"{after['measured_sampled']:.3f}{confirmed}", flush=True)
         return after
 
     rows = {name: [train(name, 0)] for name in names}
@@ -215,14 +226,17 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
     return rows
 
 
-def _measured(r: dict) -> float:
-    """The ranking key: measured tokens per target call, greedy and sampled averaged."""
-    return 0.5 * (r["measured_greedy"] + r["measured_sampled"])
+def _measured(r: dict, prefix: str = "measured") -> float:
+    """The ranking key: measured tokens per target call, greedy and sampled averaged (prefix
+    "confirm": the same on the confirmation prompts)."""
+    return 0.5 * (r[f"{prefix}_greedy"] + r[f"{prefix}_sampled"])
 
 
-def align_student(config, workdir: pathlib.Path, before: bool = True) -> dict:
+def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: bool = False
+                  ) -> dict:
     """Trains a fresh student; held-out drafter metrics of the initial (if `before`) and final
-    params."""
+    params. `confirm`: the final params are also measured on the CONFIRM_PROMPTS held-out
+    prompts after the first SPEC_PROMPTS (keys confirm_greedy / confirm_sampled)."""
     from flax import nnx
 
     from llada_jax.eval.speculate import load_lm, prompts_from_records
@@ -234,17 +248,25 @@ def align_student(config, workdir: pathlib.Path, before: bool = True) -> dict:
     def held_out(state):
         return trainer.evaluate(state)["gamma=4"]
 
-    def measured(state):
+    def measured(state, prompts):
         model = nnx.merge(trainer.graphdef, state.params)
         return measure_speculative(model, teacher, prompts)
 
     t = time.perf_counter()
     teacher = load_lm(str(ASSETS / "teacher"), "float32")
     prompts = prompts_from_records(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
-                                   SPEC_PROMPTS)
-    initial = held_out(trainer.initial_state()) | measured(trainer.initial_state()) if before else {}
+                                   SPEC_PROMPTS + (CONFIRM_PROMPTS if confirm else 0))
+    prompts, confirm_prompts = prompts[:SPEC_PROMPTS], prompts[SPEC_PROMPTS:]
+    initial = (held_out(trainer.initial_state()) | measured(trainer.initial_state(), prompts)
+               if before else {})
     trainer.fit()
-    after = held_out(trainer.final_state) | measured(trainer.final_state)
+    after = held_out(trainer.final_state) | measured(trainer.final_state, prompts)
+    if confirm and not confirm_prompts:
+        print(f"  no held-out prompts after the first {SPEC_PROMPTS}: the confirmation columns "
+              "are left out (use more --max-prompts)", flush=True)
+    elif confirm:
+        after |= {("confirm_" + k.removeprefix("measured_")): v
+                  for k, v in measured(trainer.final_state, confirm_prompts).items()}
     print(f"[3/4] train ({config.loss.mask_mode}, {config.loss.kind}, "
           f"{config.loss.position_weights}): {config.train.num_steps} steps in "
           f"{time.perf_counter() - t:.0f} s -> {workdir}")
@@ -300,7 +322,8 @@ def before_after_table(result: dict) -> str:
 def recipe_table(rows: dict) -> str:
     """Recipes ranked by measured tokens per target call (mean over seeds; ± the spread, half
     the max - min, where there are several), its ratio to the baseline's (greedy and sampled
-    averaged, the ranking key), and the held-out KL, alpha and E(γ) beside them."""
+    averaged, the ranking key), the same on the confirmation prompts (which rank nothing), and
+    the held-out KL, alpha and E(γ) beside them."""
     import numpy as np
 
     def cell(runs, key, digits=3):
@@ -308,19 +331,26 @@ def recipe_table(rows: dict) -> str:
         return f"{v.mean():.{digits}f}" + (f" ± {(v.max() - v.min()) / 2:.{digits}f}"
                                             if len(v) > 1 else "")
 
-    def key(name):
-        return np.mean([_measured(r) for r in rows[name]])
+    def key(name, prefix="measured"):
+        return np.mean([_measured(r, prefix) for r in rows[name]])
 
-    base = key(BASELINE) if BASELINE in rows else None
-    lines = ["", f"recipe | seeds | MEASURED greedy | MEASURED sampled | × {BASELINE} | KL | "
-             "α lower | α upper | E(γ=4) lower", "---|---|---|---|---|---|---|---|---"]
+    def ratio(name, prefix):
+        return f"{key(name, prefix) / key(BASELINE, prefix):.3f}" if BASELINE in rows else "-"
+
+    confirm = all("confirm_greedy" in r for runs in rows.values() for r in runs)
+    head = f"recipe | seeds | MEASURED greedy | MEASURED sampled | × {BASELINE}"
+    head += f" | CONFIRM greedy | CONFIRM sampled | × {BASELINE}" if confirm else ""
+    head += " | KL | α lower | α upper | E(γ=4) lower"
+    lines = ["", head, "|".join(["---"] * (head.count("|") + 1))]
     for name in sorted(rows, key=lambda n: -key(n)):
         runs = rows[name]
-        ratio = f"{key(name) / base:.3f}" if base else "-"
-        lines.append(f"{name} | {len(runs)} | {cell(runs, 'measured_greedy')} | "
-                     f"{cell(runs, 'measured_sampled')} | {ratio} | {cell(runs, 'kl')} | "
-                     f"{cell(runs, 'alpha_lower')} | {cell(runs, 'alpha_upper')} | "
-                     f"{cell(runs, 'E_lower')}")
+        line = (f"{name} | {len(runs)} | {cell(runs, 'measured_greedy')} | "
+                f"{cell(runs, 'measured_sampled')} | {ratio(name, 'measured')}")
+        if confirm:
+            line += (f" | {cell(runs, 'confirm_greedy')} | {cell(runs, 'confirm_sampled')} | "
+                     f"{ratio(name, 'confirm')}")
+        lines.append(line + f" | {cell(runs, 'kl')} | {cell(runs, 'alpha_lower')} | "
+                     f"{cell(runs, 'alpha_upper')} | {cell(runs, 'E_lower')}")
     return "\n".join(lines)
 
 

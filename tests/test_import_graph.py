@@ -5,7 +5,7 @@ Read from the source with `ast`, every import counted (also those inside functio
 later but tie the modules together all the same). Stages, from the bottom:
   1   data_pipeline
   1.5 llada_jax's base modules (errors, sharding, runtime, metrics_writer, platforms,
-      workdir_lock, tokenizer_checks)
+      workdir_lock, tokenizer_checks, drafter_contract)
   2   model, then checkpoints (2.5: it loads models)
   3   distill, decode
   4   train, eval, speculate, teacher
@@ -24,7 +24,7 @@ STAGES = {
     "data_pipeline": 1.0,
     "llada_jax.errors": 1.5, "llada_jax.sharding": 1.5, "llada_jax.runtime": 1.5,
     "llada_jax.metrics_writer": 1.5, "llada_jax.platforms": 1.5, "llada_jax.workdir_lock": 1.5,
-    "llada_jax.tokenizer_checks": 1.5,
+    "llada_jax.tokenizer_checks": 1.5, "llada_jax.drafter_contract": 1.5,
     "llada_jax.model": 2.0, "llada_jax.checkpoints": 2.5,
     "llada_jax.distill": 3.0, "llada_jax.decode": 3.0,
     "llada_jax.train": 4.0, "llada_jax.eval": 4.0, "llada_jax.speculate": 4.0,
@@ -33,7 +33,8 @@ STAGES = {
     "llada_jax": 5.0,
 }
 BASE = ("llada_jax.errors", "llada_jax.sharding", "llada_jax.runtime", "llada_jax.metrics_writer",
-        "llada_jax.platforms", "llada_jax.workdir_lock", "llada_jax.tokenizer_checks")
+        "llada_jax.platforms", "llada_jax.workdir_lock", "llada_jax.tokenizer_checks",
+        "llada_jax.drafter_contract")
 
 
 def modules() -> dict[str, pathlib.Path]:

@@ -13,6 +13,7 @@ import copy
 import math
 import pathlib
 
+import jax
 import pytest
 
 from llada_jax.train import config as train_config
@@ -119,3 +120,24 @@ def test_decode_step_out_of_hbm_is_reported_as_such():
         tpu_compile.compile_decode_step(cfg, "v6e-16",
                                         {"data": 1, "fsdp": 4, "tensor": 4}, batch_size=400,
                                         max_length=4096)
+
+
+def test_forward_arguments_are_the_weights_each_chip_holds():
+    """compile_forward's memory analysis (what bench/speculate_tpu_projection.py reads once per
+    step): replicated, the arguments are every bf16 weight + the tokens; over `tensor`, a shard."""
+    import numpy as np
+    from flax import nnx
+
+    from llada_jax.model.config import ModelConfig
+    from llada_jax.model.modeling import LLaDAModel
+
+    cfg = ModelConfig(d_model=1024, n_heads=8, n_kv_heads=8, n_layers=2, mlp_hidden_size=1024,
+                      vocab_size=1024, mask_token_id=1023, eos_token_id=None, causal=False,
+                      param_dtype="bfloat16", dtype="bfloat16")
+    model = nnx.eval_shape(lambda: LLaDAModel(cfg, rngs=nnx.Rngs(0)))
+    weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    replicated, sharded = (tpu_compile.compile_forward(
+        cfg, "v6e-8", {"data": data, "fsdp": 1, "tensor": 8 // data}, batch_size=1, length=256)
+        for data in (8, 1))
+    assert replicated.argument_bytes == 2 * weights + 4 * 256
+    assert sharded.argument_bytes < replicated.argument_bytes / 4

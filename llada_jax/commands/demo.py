@@ -8,7 +8,8 @@
 3. A LLaDA student is aligned with the KL train step (`train`), evaluated before and after
    under the drafting condition (`eval`), and exported to HF format (`export-hf`).
 4. Before and after, it drafts for the teacher on held-out prompts (`speculate`, TLI, γ = 4):
-   the MEASURED tokens per target call, greedy and sampled, beside the α-predicted E(γ).
+   the MEASURED tokens per target call, greedy and sampled, beside the α-predicted E(γ), and
+   the MEASURED wall clock against the teacher alone (same run, same cached verifier).
 It prints a before/after table and writes `curves.png` (loss and acceptance α per step).
 """
 
@@ -109,11 +110,13 @@ def check_arguments(args: argparse.Namespace) -> None:
 def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None,
                    student: str = "random") -> list[str]:
     """The tiny config, sized for the demo data."""
+    # From scratch: the shipped student's shape, ~1/10 of the teacher's FLOPs per token
+    # (scripts/make_demo_assets.py STUDENT_ARCH, bench/demo_pair_cost.py).
     init = (f"--config.model.init={ASSETS / 'student'}" if student == "pretrained" else
-            "--config.model.d_model=128")  # from scratch: a slightly wider random student
+            "--config.model.d_model=64")
     overrides = [f"--config.data.dir={data_dir}", f"--config.data.seq_len={SEQ_LEN}",
                  f"--config.data.global_batch_size={EVAL_BATCH}", init,
-                 "--config.model.n_layers=4", "--config.model.mlp_hidden_size=256",
+                 "--config.model.n_layers=3", "--config.model.mlp_hidden_size=192",
                  f"--config.train.num_steps={steps}", "--config.train.num_epochs=1000",
                  f"--config.train.eval_every={max(steps // 6, 1)}", "--config.train.eval_batches=8",
                  f"--config.train.checkpoint_every={steps}", "--config.optim.lr=3e-3",
@@ -254,11 +257,13 @@ def measure_speculative(drafter, teacher, prompts: list[str]) -> dict:
                             drafter_tokenizer=str(ASSETS / "student_tokenizer"),
                             teacher_tokenizer=str(ASSETS / "teacher_tokenizer"))["summary"]
         out[f"measured_{name}"] = summary["tokens_per_target_call"]
+        out[f"wall_{name}"] = summary["speedup"]
         out[f"speculate_{name}"] = summary
     return out
 
 
 def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
+    from llada_jax import drafter_contract
     from llada_jax.checkpoints import load_model
     from llada_jax.model.params import save_hf
 
@@ -267,6 +272,7 @@ def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
     save_hf(model, export_dir, source_hf_dir=None)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / "student_tokenizer" / name, export_dir / name)
+    drafter_contract.write(export_dir, drafter_contract.find(workdir))  # as export-hf does
     print(f"[4/4] export-hf: {export_dir}")
     return export_dir
 
@@ -276,7 +282,9 @@ ROWS = (("KL (teacher || student)", "kl"), ("top-1 agreement", "top1"),
         ("E(γ=4) tokens / target call, lower", "E_lower"),
         ("E(γ=4) tokens / target call, upper", "E_upper"),
         ("MEASURED tokens / target call, greedy (speculate, TLI)", "measured_greedy"),
-        ("MEASURED tokens / target call, sampled T=1", "measured_sampled"))
+        ("MEASURED tokens / target call, sampled T=1", "measured_sampled"),
+        ("MEASURED wall clock vs teacher alone (x), greedy", "wall_greedy"),
+        ("MEASURED wall clock vs teacher alone (x), sampled T=1", "wall_sampled"))
 
 
 def before_after_table(result: dict) -> str:

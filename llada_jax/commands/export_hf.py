@@ -11,7 +11,8 @@ or one of its step dirs (`runs/llada8b/checkpoints/1200`).
 
 Writes sharded safetensors + model.safetensors.index.json + config.json, and copies the
 tokenizer, remote code (*.py) and other non-weight files of --source-hf-dir, so that
-`AutoModel.from_pretrained(out, trust_remote_code=True)` works.
+`AutoModel.from_pretrained(out, trust_remote_code=True)` works. The drafter's serving contract
+(drafter_contract.json, which `train` writes into its workdir) comes along when --ckpt has one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llada_jax import drafter_contract
 from llada_jax.checkpoints import load_model
 from llada_jax.model.params import DTYPES, parse_size, save_hf
 
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     files = save_hf(model, args.out, source_hf_dir=args.source_hf_dir, dtype=args.dtype,
                     max_shard_bytes=max_shard_bytes)
     print(f"wrote {len(files)} safetensors file(s) + config.json to {args.out}")
+    record = drafter_contract.find(args.ckpt)
+    if record is not None:  # speculate's defaults and checks travel with the weights
+        print(f"  + {drafter_contract.write(args.out, record).name}: γ {record.gamma}, "
+              f"trailing masks {record.trailing_masks}, steps {record.steps}")
     if args.source_hf_dir is None:
         print("note: no --source-hf-dir, so no tokenizer or remote-code files were copied; "
               "AutoModel.from_pretrained(..., trust_remote_code=True) needs them", file=sys.stderr)

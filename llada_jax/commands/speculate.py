@@ -4,18 +4,24 @@
         [--drafter-tokenizer DIR] [--teacher-tokenizer DIR] --gamma 4 --steps 1 \\
         --strategy tli|string [--temperature T | --greedy] [--out results.json]
 
-The decoding itself is `llada_jax.speculate.loop.speculate`.
+The decoding itself is `llada_jax.speculate.loop.speculate`. γ, steps and trailing masks
+default to the drafter's serving contract (drafter_contract.json, written by `train` and carried
+by `export-hf`); a run with other settings, another teacher tokenizer or vocabulary map than the
+drafter was trained for prints one warning line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
+import sys
 
+from llada_jax import drafter_contract
 from llada_jax.errors import SpeculateError, UserError
 from llada_jax.metrics_writer import write_scalars
-from llada_jax.speculate.loop import Decoding, speculate, tensorboard_scalars
+from llada_jax.speculate.loop import DEFAULTS, Decoding, speculate, tensorboard_scalars
 from llada_jax.speculate.verify import VERIFIERS
 from llada_jax.speculate.vocab_bridge import STRATEGIES
 from llada_jax.teacher.prompts import read_prompts
@@ -29,10 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, nargs="+",
                         help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
     parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
-    parser.add_argument("--trailing-masks", type=int, default=4,
-                        help="masks after the block (never filled): text goes on")
+    parser.add_argument("--gamma", type=int, default=None,
+                        help=f"drafted tokens per block (default: the drafter's "
+                             f"{drafter_contract.FILE}, else {DEFAULTS['gamma']})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps per block (default: the contract's, else "
+                             f"{DEFAULTS['steps']})")
+    parser.add_argument("--trailing-masks", type=int, default=None,
+                        help=f"masks after the block (never filled): text goes on (default: the "
+                             f"contract's, else {DEFAULTS['trailing_masks']})")
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
     parser.add_argument("--verifier", choices=VERIFIERS, default="cached",
                         help="teacher with a KV cache, or rerun over the whole sequence per call")
@@ -62,7 +73,15 @@ def check_arguments(args) -> list[str]:
     return problems
 
 
+def _warn(record, served) -> None:
+    for line in drafter_contract.mismatches(record, served):
+        print(f"speculate: warning: {line}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    record = drafter_contract.find(args.drafter)  # None: an export older than the record
+    for name, default in DEFAULTS.items():
+        setattr(args, name, drafter_contract.resolve(getattr(args, name), record, name, default))
     problems = check_arguments(args)
     if problems:
         raise SpeculateError("; ".join(problems))
@@ -77,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                             drafter_tokenizer=args.drafter_tokenizer,
                             teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
                             teacher_dtype=args.teacher_dtype,
-                            verifier=args.verifier)
+                            verifier=args.verifier, on_served=functools.partial(_warn, record))
     except UserError:
         raise
     except (ValueError, FileNotFoundError) as err:  # a tokenizer or file the libraries refused

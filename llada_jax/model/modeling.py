@@ -294,7 +294,14 @@ class LLaDAModel(nnx.Module):
             attn = cached_attention(q, cache.k[:, i], cache.v[:, i], old_bs, k_new, v_new, new_bqk)
             return _block_rest(cfg, w, x_bkd, attn), (k_new, v_new)
 
-        x, (k_new, v_new) = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.n_layers)))
+        if cfg.scan_layers:
+            x, (k_new, v_new) = jax.lax.scan(layer, x, (stacked, jnp.arange(cfg.n_layers)))
+        else:  # as in _run_layers: a Python loop (a cost analysis counts a scan's body once)
+            new_kv = []
+            for i in range(cfg.n_layers):
+                x, kv = layer(x, ({name: w[i] for name, w in stacked.items()}, i))
+                new_kv.append(kv)
+            k_new, v_new = (jnp.stack(t) for t in zip(*new_kv))
         hidden = rms_norm(x if all_logits else x[:, -1:], self.ln_f[...], cfg.rms_norm_eps)
         cache = KVCache(_write_slots(cache.k, k_new, cache.length_b),
                         _write_slots(cache.v, v_new, cache.length_b), cache.start_b,

@@ -13,6 +13,10 @@ run with the same verifier, for the wall-clock comparison (and, greedy, an equal
 
 The teacher verifies with a KV cache (`verify.CachedVerifier`), or `--verifier recompute` reruns
 it over the whole sequence at every call (`verify.RecomputeVerifier`).
+
+γ, steps and trailing masks default to the drafter's serving contract (drafter_contract.json,
+written by `train` and carried by `export-hf`); a run with other settings, another teacher
+tokenizer or vocabulary map than the drafter was trained for prints one warning line each.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ import time
 
 import numpy as np
 
+from llada_jax import drafter_contract
 from llada_jax.checkpoints import load_model
 from llada_jax.errors import SpeculateError
 from llada_jax.speculate import rejection
 from llada_jax.speculate.draft import Drafter
 from llada_jax.speculate.verify import make_verifier
 from llada_jax.speculate.vocab_bridge import VocabBridge
+
+
+# --gamma / --steps / --trailing-masks when the drafter has no serving contract
+DEFAULTS = {"gamma": 4, "steps": 1, "trailing_masks": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,19 +199,26 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
               seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32") -> dict:
-    """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
+              verifier: str = "cached", teacher_dtype: str = "float32", on_served=None) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in.
+    `on_served(drafter_contract.Contract)` is called with the settings served, in the terms of
+    the drafter's serving contract, before anything is decoded."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = (load_model(teacher_path, compute_dtype=teacher_dtype, causal=True,
                           role="--teacher")[1] if teacher_model is None else teacher_model)
     student = (load_model(drafter_path, causal=False, role="--drafter")[1]
                if drafter_model is None else drafter_model)
+    teacher_tokenizer = tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer")
     bridge = VocabBridge(tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
-                         tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
-                         strategy, student_vocab_size=student.cfg.vocab_size,
+                         teacher_tokenizer, strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
+    if on_served is not None:
+        on_served(drafter_contract.served_contract(
+            gamma=gamma, trailing_masks=trailing_masks, steps=steps,
+            mask_token_id=student.cfg.mask_token_id, teacher_tokenizer=teacher_tokenizer,
+            teacher_vocab=bridge.teacher, student_vocab=bridge.student))
     if draft_temperature is None:
         draft_temperature = 0.0 if decoding.greedy else decoding.temperature
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,

@@ -57,8 +57,10 @@ class TpuTarget:
 TARGETS: dict[str, TpuTarget] = {
     "v5e-4": TpuTarget("v5e:2x2", 16),
     "v5e-64": TpuTarget("v5e:8x8", 16),
+    "v5p-16": TpuTarget("v5p:2x2x2", 95),
     "v5p-32": TpuTarget("v5p:2x2x4", 95),
     "v4-32": TpuTarget("v4:2x2x4", 32, chip_config="megacore"),
+    "v6e-8": TpuTarget("v6e:2x4", 32),
     "v6e-16": TpuTarget("v6e:4x4", 32),
 }
 
@@ -106,6 +108,7 @@ class CompileReport:
     code_bytes: int
     flops_per_device: float   # as the cost analysis counts: a scanned layer stack as ONE layer
     hbm_bytes: int
+    bytes_accessed: float = 0.0  # the cost analysis's HBM traffic per device, counted likewise
 
     @property
     def total_bytes(self) -> int:
@@ -151,9 +154,7 @@ def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[st
     """Compiles one KV-cached teacher step (decode/cached.py: `tokens_per_step` tokens per row
     appended to a donated [batch_size, max_length] cache) for TARGETS[target]."""
     mesh = sharding.make_mesh(mesh_sizes, topology_devices(target))
-    graphdef, state = nnx.split(params.abstract_model(model_cfg))
-    nnx.replace_by_pure_dict(state, sharding.with_shardings(nnx.to_pure_dict(state), nnx.to_pure_dict(
-            sharding.param_shardings(state, mesh, rules))))
+    graphdef, state = _abstract_sharded_model(model_cfg, mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch_size, tokens_per_step), jnp.int32)
     with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
         cache = jax.eval_shape(lambda: init_cache(model_cfg, batch_size, max_length))
@@ -163,6 +164,26 @@ def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[st
                                                     (cache_spec, cache_spec, row_spec, row_spec))))
         lowered = decode.extend_step.lower(graphdef, state, cache, tokens, all_logits=True)
     return _compile_report(lowered, target, mesh)
+
+
+def compile_forward(model_cfg: ModelConfig, target: str, mesh_sizes: dict[str, int], *,
+                    batch_size: int, length: int, rules: sharding.Rules = sharding.DEFAULT_RULES
+                    ) -> CompileReport:
+    """Compiles one full forward (logits at every position, no cache) for TARGETS[target]."""
+    mesh = sharding.make_mesh(mesh_sizes, topology_devices(target))
+    graphdef, state = _abstract_sharded_model(model_cfg, mesh, rules)
+    tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    with jax.set_mesh(mesh), sharding.rules_context(rules), jax.default_matmul_precision("default"):
+        lowered = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens)
+    return _compile_report(lowered, target, mesh)
+
+
+def _abstract_sharded_model(model_cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
+    """(graphdef, abstract params carrying their shardings under `mesh`)."""
+    graphdef, state = nnx.split(params.abstract_model(model_cfg))
+    nnx.replace_by_pure_dict(state, sharding.with_shardings(nnx.to_pure_dict(state), nnx.to_pure_dict(
+            sharding.param_shardings(state, mesh, rules))))
+    return graphdef, state
 
 
 def _compile_report(lowered: jax.stages.Lowered, target: str, mesh) -> CompileReport:
@@ -180,7 +201,8 @@ def _compile_report(lowered: jax.stages.Lowered, target: str, mesh) -> CompileRe
         target=target, mesh=dict(mesh.shape), argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
-        flops_per_device=float(cost["flops"]), hbm_bytes=int(TARGETS[target].hbm_gib * GIB))
+        flops_per_device=float(cost["flops"]), hbm_bytes=int(TARGETS[target].hbm_gib * GIB),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)))
 
 
 def flops_per_step(config: ml_collections.ConfigDict, target: str, *, vocab_size: int,

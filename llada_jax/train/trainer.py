@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
-from llada_jax import checkpoints
+from llada_jax import checkpoints, drafter_contract
 from llada_jax.checkpoints import TrainCheckpointer
 from llada_jax import sharding
 from llada_jax.distill.metrics import evaluate_model
@@ -132,12 +132,24 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
                 for k, v in batch.items()}
 
+    def contract(self) -> drafter_contract.Contract:
+        """The drafting settings this run trains and measures for: the draft_blocks block
+        length (else the smallest eval γ), its trailing masks, one denoising step."""
+        loss = self.config.loss
+        gamma = loss.draft_gamma if loss.mask_mode == "draft_blocks" else min(self.config.eval.gammas)
+        return drafter_contract.for_training(
+            gamma=gamma, trailing_masks=loss.draft_trailing, steps=1,
+            mask_token_id=self.model_cfg.mask_token_id,
+            student_tokenizer=self.meta.options["student_tokenizer"],
+            teacher_tokenizer=self.meta.options["teacher_tokenizer"])
+
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict | None:
         cfg = self.config
         logger = MetricsLogger(self.workdir)
         if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
             checkpoints.write_model_config(self.workdir, self.model_cfg)
+            drafter_contract.write(self.workdir, self.contract())
         preemption = _Preemption()
         data_iter = self.make_iterator("train", shuffle=True, num_epochs=cfg.train.num_epochs)
         latest = self.checkpointer.latest_step()

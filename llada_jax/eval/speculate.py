@@ -221,8 +221,12 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
               seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32") -> dict:
-    """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
+              verifier: str = "cached", teacher_dtype: str = "float32",
+              engine: dict | None = None, baseline: bool = True) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in.
+    Strategy tli runs the compiled engine (llada_jax.speculate.engine; `engine`: extra
+    EngineSettings fields, e.g. batch_size, drafter_cache, draft_confidence); `string` (or
+    verifier "recompute") the host loop here."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
@@ -238,6 +242,16 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                       trailing_masks=trailing_masks, temperature=draft_temperature)
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
+    if strategy == "tli" and verifier == "cached":
+        from llada_jax.speculate.engine import EngineSettings
+        from llada_jax.speculate.run import engine_results
+
+        settings = EngineSettings(gamma=gamma, trailing_masks=trailing_masks, steps=steps,
+                                  greedy=decoding.greedy, temperature=decoding.temperature,
+                                  draft_temperature=draft_temperature,
+                                  max_new_tokens=decoding.max_new_tokens, seed=seed,
+                                  **(engine or {}))
+        return engine_results(prompts, student, teacher, bridge, settings, stop_ids, baseline)
     longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
     return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
                                                        decoding.max_new_tokens),
@@ -293,6 +307,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the teacher's compute dtype")
     parser.add_argument("--seed", type=int, default=0)
+    engine = parser.add_argument_group("the compiled engine (strategy tli)")
+    engine.add_argument("--batch-size", type=int, default=8, help="prompts decoded at once")
+    engine.add_argument("--drafter-cache", choices=("none", "prefix"), default="none",
+                        help="prefix: keep the verified prefix's keys/values (Fast-dLLM); "
+                             "the drafter runs only the new tokens + masks against them")
+    engine.add_argument("--refresh-every", type=int, default=8,
+                        help="prefix cache: a full drafter forward every N blocks")
+    engine.add_argument("--refresh-tokens", type=int, default=64,
+                        help="prefix cache: ... or once the prefix grew by N tokens")
+    engine.add_argument("--draft-confidence", type=float, default=None,
+                        help="stop a draft at the first position whose top probability < C")
+    engine.add_argument("--no-baseline", action="store_true",
+                        help="skip the teacher-only run (no speedup in the results)")
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
 
@@ -307,6 +334,10 @@ def _check(args) -> list[str]:
         problems.append("need --gamma >= 1 and 1 <= --steps <= --gamma")
     if args.max_new_tokens < 1 or args.trailing_masks < 0:
         problems.append("need --max-new-tokens >= 1 and --trailing-masks >= 0")
+    if args.batch_size < 1 or args.refresh_every < 1 or args.refresh_tokens < 1:
+        problems.append("need --batch-size, --refresh-every and --refresh-tokens >= 1")
+    if args.draft_confidence is not None and not 0 <= args.draft_confidence <= 1:
+        problems.append("--draft-confidence must lie in [0, 1]")
     return problems
 
 
@@ -328,7 +359,12 @@ def run(args: argparse.Namespace) -> int:
                             drafter_tokenizer=args.drafter_tokenizer,
                             teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
                             teacher_dtype=args.teacher_dtype,
-                            verifier=args.verifier)
+                            verifier=args.verifier, baseline=not args.no_baseline,
+                            engine=dict(batch_size=args.batch_size,
+                                        drafter_cache=args.drafter_cache,
+                                        refresh_every=args.refresh_every,
+                                        refresh_tokens=args.refresh_tokens,
+                                        draft_confidence=args.draft_confidence))
     except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
         print(f"speculate: {err}", file=sys.stderr)
         return 2

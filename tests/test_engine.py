@@ -94,7 +94,7 @@ def _engine(kind="trained", mesh=None, **settings):
 
 GREEDY = [  # (drafter, gamma, drafter cache, draft confidence, steps)
     ("trained", 1, "none", None, 1), ("trained", 4, "prefix", None, 1),
-    ("trained", 8, "prefix", 0.4, 1), ("trained", 4, "none", 0.4, 2),
+    ("trained", 8, "none", 0.05, 1), ("trained", 4, "prefix", 0.05, 2),
     ("same_vocab", 4, "prefix", None, 1)]
 
 
@@ -111,9 +111,10 @@ def test_batched_greedy_equals_each_rows_own_greedy(reference, kind, gamma, cach
     assert all(0 <= accepted <= proposed <= gamma for proposed, accepted in blocks)
     # Each block emits its accepted draft + one teacher token (the last may be cut at a stop).
     assert sum(len(r["ids"]) for r in spec) <= sum(a + 1 for _, a in blocks)
-    assert sum(a for _, a in blocks) > 0  # drafts were accepted: the acceptance path ran
-    if confidence is not None:
-        assert any(p < min(gamma, MAX_NEW) for p, _ in blocks[:1])  # the draft was cut
+    if kind == "trained":  # drafts were accepted: the acceptance path ran
+        assert sum(a for _, a in blocks) > 0
+    if confidence is not None and gamma == 8:  # a first block (room for 11) was cut short
+        assert any(r["blocks"][0][0] < gamma for r in spec)
 
 
 @pytest.mark.slow
@@ -281,8 +282,10 @@ REAL_VOCAB = textwrap.dedent("""
         gamma=4, max_new_tokens=10, batch_size=2, drafter_cache=sys.argv[1]))
     got = [r["ids"] for r in engine.generate(prompts)]
     want = cached_greedy(teacher, prompts, 10, set())
-    print(json.dumps({"equal": got == want, "rss_gib":
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+    # VmHWM: this process's own peak (ru_maxrss may carry the parent's over the exec).
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"equal": got == want, "rss_gib": int(hwm.split()[1]) / 2 ** 20,
+                      "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
 """)
 
 

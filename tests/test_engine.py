@@ -248,8 +248,8 @@ def test_engine_sampled_first_token_follows_the_teacher_law():
 @pytest.mark.slow
 def test_sharded_engine_gives_the_same_tokens(reference):
     """Drafter and teacher on one 8-device mesh (rows over data, heads over tensor)."""
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
-    engine = _engine(mesh=mesh, gamma=4, drafter_cache="prefix")
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+    engine = _engine(mesh=mesh, gamma=4, drafter_cache="prefix", batch_size=4)
     assert [r["ids"] for r in engine.generate(PROMPTS)] == reference
     spec = sharding.spec_for(engine.t_cache.k.shape, ("batch", "layers", "cache_length",
                                                        "act_kv_heads", "head_dim"),

@@ -47,6 +47,19 @@ _COMPILED: dict = {}   # every engine's executables (SpeculativeEngine._compile)
 _init_cache = jax.jit(init_cache, static_argnums=(0, 1, 2))
 
 
+def _replicated(x):
+    """Row vectors stay replicated under a mesh, so every call's inputs have the shardings the
+    executables were compiled for (their first inputs come from the host)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
+def _settled(cache):
+    return None if cache is None else cache._replace(start_b=_replicated(cache.start_b),
+                                                     length_b=_replicated(cache.length_b))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -93,7 +106,7 @@ class EngineSettings:
     @property
     def window_new(self) -> int:
         """Uncached verified student tokens a prefix-cache window holds (more: a refresh)."""
-        return 2 * (self.gamma + 1) + TAIL_MAX
+        return self.gamma + 1 + TAIL_MAX
 
 
 def ladder(need: int, cap: int) -> int:
@@ -200,7 +213,7 @@ def block_step(d_gd, t_gd, d_state, t_state, tables, d_cache, t_cache, last_b, p
                                        conf, logq, exact, packed[:, width + 2],
                                        packed[:, width + 3].astype(bool), key=k_verify, s=s,
                                        t_limit=t_limit)
-    return out, d_cache, t_cache, last_b, key
+    return _replicated(out), _settled(d_cache), _settled(t_cache), _replicated(last_b), key
 
 
 def teacher_step(t_gd, t_state, t_cache, last_b, active_b, key, *, s: EngineSettings,
@@ -213,14 +226,15 @@ def teacher_step(t_gd, t_state, t_cache, last_b, active_b, key, *, s: EngineSett
     token = (jnp.argmax(logits, axis=-1) if s.greedy
              else jax.random.categorical(sub, logits / s.temperature, axis=-1)).astype(jnp.int32)
     t_cache = t_cache._replace(length_b=t_cache.length_b - 1 + active_b.astype(jnp.int32))
-    return jnp.where(active_b, token, -1), t_cache, jnp.where(active_b, token, last_b), key
+    return (_replicated(jnp.where(active_b, token, -1)), _settled(t_cache),
+            _replicated(jnp.where(active_b, token, last_b)), key)
 
 
 def prefill_step(t_gd, t_state, t_cache, tokens_bw, pad_b, *, t_limit: int):
     """Fills the teacher cache with left-padded prompts (all but their last token)."""
     cache = t_cache._replace(start_b=pad_b, length_b=jnp.zeros_like(pad_b))
-    return nnx.merge(t_gd, t_state).extend(tokens_bw, cache, all_logits=False,
-                                           kv_limit=t_limit)[1]
+    return _settled(nnx.merge(t_gd, t_state).extend(tokens_bw, cache, all_logits=False,
+                                                    kv_limit=t_limit)[1])
 
 
 @dataclasses.dataclass
@@ -256,7 +270,7 @@ class SpeculativeEngine:
         self.d_gd, self.d_state = self._place(drafter_model)
         self.t_gd, self.t_state = self._place(teacher_model)
         self.tables = self._tables(bridge)
-        self._compiled: dict = {}
+        self._mine: dict = {}  # this engine's executables (_compile)
         self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------ placement, tables
@@ -310,7 +324,7 @@ class SpeculativeEngine:
         reach = (max(len(r.context.ids) for r in rows) + int(1.5 * ratio * s.max_new_tokens)
                  + TAIL_MAX + s.gamma + s.trailing_masks)
         with self.mesh_context():
-            self.t_cache = _init_cache(self.t_cfg, s.batch_size, self.t_slots)
+            self.t_cache = self._fresh(_init_cache(self.t_cfg, s.batch_size, self.t_slots))
         self._allocate_drafter(ladder(reach, 1 << 30))
         shortest = min(len(r.context.ids) for r in rows) + s.gamma + s.trailing_masks
         for k in range(self._bucket_index(min(self.prompt_width, shortest)),
@@ -321,11 +335,16 @@ class SpeculativeEngine:
             self._teacher(k)
         self._prefill()
 
+    def _fresh(self, cache):
+        """An empty cache whose row vectors are host-made (replicated), as the steps keep them."""
+        zeros = np.zeros(self.s.batch_size, np.int32)
+        return cache._replace(start_b=self.put(zeros), length_b=self.put(zeros))
+
     def _allocate_drafter(self, s_cap: int) -> None:
         """The student's length cap and the drafter cache (s_cap + a window per row)."""
         self.s_cap, b = s_cap, self.s.batch_size
         with self.mesh_context():
-            self.d_cache = (_init_cache(self.d_cfg, b, self.s_cap + self.window)
+            self.d_cache = (self._fresh(_init_cache(self.d_cfg, b, self.s_cap + self.window))
                             if self.s.drafter_cache == "prefix" else None)
 
     @staticmethod
@@ -339,18 +358,25 @@ class SpeculativeEngine:
 
     def _compile(self, key, fn, args, donate):
         """The executable for `key`, lowered and compiled on first use. Engines share them
-        (the same models' structure, settings and shapes compile the same program)."""
-        key = key + (self.d_gd, self.t_gd, self.mesh, tuple(self.rules), self.s.batch_size)
-        if key not in _COMPILED:
+        (the same models' structure, settings and shapes compile the same program); each
+        engine keeps its own by key too (hashing a graphdef every block would cost)."""
+        if key in self._mine:
+            return self._mine[key]
+        full = key + (self.d_gd, self.t_gd, self.mesh, tuple(self.rules), self.s.batch_size)
+        if full not in _COMPILED:
             t = time.perf_counter()
             with self.mesh_context():
-                _COMPILED[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                _COMPILED[full] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t
-        return _COMPILED[key]
+        self._mine[key] = _COMPILED[full]
+        return self._mine[key]
 
     def _block(self, window: bool, k: int):
         t_limit, s_limit = self._limits(k)
         width = self.window if window else s_limit
+        mine = ("block", window, width, s_limit, t_limit, self.t_slots, self.s_cap)
+        if mine in self._mine:
+            return self._mine[mine], width
         fn = functools.partial(block_step, self.d_gd, self.t_gd, s=self.s, width=width,
                                window=window, d_limit=s_limit if window else 0, t_limit=t_limit)
         packed = self.put(np.zeros((self.s.batch_size, width + 4), np.int32))
@@ -358,16 +384,19 @@ class SpeculativeEngine:
                 self.put(np.zeros(self.s.batch_size, np.int32)), packed, jax.random.key(0))
         code = dataclasses.replace(self.s, seed=0, max_new_tokens=0, refresh_every=1,
                                    refresh_tokens=1)
-        key = ("block", code, window, width, s_limit, t_limit, self.t_slots, self.s_cap)
-        return self._compile(key, fn, args, (3, 4)), width
+        self._mine[mine] = self._compile(mine + (code,), fn, args, (3, 4))
+        return self._mine[mine], width
 
     def _teacher(self, k: int):
+        if ("teacher", k, self.t_slots) in self._mine:
+            return self._mine[("teacher", k, self.t_slots)]
         fn = functools.partial(teacher_step, self.t_gd, s=self.s, t_limit=self._limits(k)[0])
         b = self.s.batch_size
         args = (self.t_state, self.t_cache, self.put(np.zeros(b, np.int32)),
                 self.put(np.zeros(b, bool)), jax.random.key(0))
         key = ("teacher", self.s.greedy, self.s.temperature, self._limits(k)[0], self.t_slots)
-        return self._compile(key, fn, args, (1,))
+        self._mine[("teacher", k, self.t_slots)] = self._compile(key, fn, args, (1,))
+        return self._mine[("teacher", k, self.t_slots)]
 
     def _prefill(self):
         fn = functools.partial(prefill_step, self.t_gd, t_limit=0)

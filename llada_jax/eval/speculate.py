@@ -10,8 +10,12 @@ prefix plus one teacher token (`rejection`). The output is the teacher's own law
 own greedy text, token for token). Each prompt is also decoded by the teacher alone, in the same
 run with the same verifier, for the wall-clock comparison (and, greedy, an equality check).
 
-The teacher verifies with a KV cache (`verify.CachedVerifier`), or `--verifier recompute` reruns
-it over the whole sequence at every call (`verify.RecomputeVerifier`).
+Strategy tli (with the cached verifier) runs the compiled, batched engine
+(`llada_jax.speculate.engine`: --batch-size, --drafter-cache none|prefix, --refresh-every,
+--refresh-tokens, --draft-confidence; `speedup` is against the engine's own teacher-only run,
+--no-baseline skips it). Strategy string, or `--verifier recompute`, runs the host loop here:
+the teacher verifies with a KV cache (`verify.CachedVerifier`) or reruns over the whole
+sequence at every call (`verify.RecomputeVerifier`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchlib import load  # noqa: E402
-from llada_jax.demo import ASSETS  # noqa: E402
-from llada_jax.eval import speculate as sp  # noqa: E402
-from llada_jax.eval.vocab_bridge import VocabBridge  # noqa: E402
+from llada_jax.checkpoints import load_model  # noqa: E402
+from llada_jax.commands.demo import ASSETS  # noqa: E402
+from llada_jax.speculate import loop as sp  # noqa: E402
+from llada_jax.speculate.vocab_bridge import VocabBridge  # noqa: E402
 from llada_jax.model.config import ModelConfig  # noqa: E402
 from llada_jax.model.modeling import LLaDAModel  # noqa: E402
 from llada_jax.speculate import engine as eng  # noqa: E402
@@ -50,7 +51,8 @@ STUDENT_TOK, TEACHER_TOK = str(ASSETS / "student_tokenizer"), str(ASSETS / "teac
 
 
 def demo_pair():
-    student, teacher = sp.load_lm(str(ASSETS / "student")), sp.load_lm(str(ASSETS / "teacher"), "float32")
+    student = load_model(ASSETS / "student")[1]
+    teacher = load_model(ASSETS / "teacher", compute_dtype="float32")[1]
     vb = VocabBridge(STUDENT_TOK, TEACHER_TOK, "tli", student_vocab_size=student.cfg.vocab_size,
                      teacher_vocab_size=teacher.cfg.vocab_size,
                      mask_token_id=student.cfg.mask_token_id)

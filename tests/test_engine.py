@@ -21,31 +21,32 @@ from scipy import stats
 from transformers import LlamaForCausalLM
 
 from llada_jax import sharding
-from llada_jax.demo import ASSETS
-from llada_jax.eval import speculate as sp
-from llada_jax.eval.vocab_bridge import VocabBridge
+from llada_jax.checkpoints import load_model
+from llada_jax.commands.demo import ASSETS
+from llada_jax.speculate import loop as sp
+from llada_jax.speculate.vocab_bridge import VocabBridge
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.speculate import step as st
 from llada_jax.speculate.context import EngineBridge
 from llada_jax.speculate.engine import EngineSettings, SpeculativeEngine
-from llada_jax.teacher import generate as gt
-from llada_jax.teacher.decode import CachedLM
+from llada_jax.teacher.prompts import read_prompts
+from llada_jax.decode.cached import CachedLM
 
 STUDENT_TOK, TEACHER_TOK = str(ASSETS / "student_tokenizer"), str(ASSETS / "teacher_tokenizer")
 # Rows of different lengths; with batch size 2 the second batch holds one real row.
-PROMPTS = list(gt.read_prompts([ASSETS / "prompts_eval.txt"]))[:3]
+PROMPTS = list(read_prompts([ASSETS / "prompts_eval.txt"]))[:3]
 MAX_NEW = 12
 
 
 @functools.cache
 def _teacher():
-    return sp.load_lm(str(ASSETS / "teacher"), "float32")
+    return load_model(ASSETS / "teacher", compute_dtype="float32")[1]
 
 
 @functools.cache
 def _student(kind="trained"):
     if kind == "trained":
-        return sp.load_lm(str(ASSETS / "student"))
+        return load_model(ASSETS / "student")[1]
     # One vocabulary: the teacher's own weights run bidirectionally (its pad id as the mask).
     model = LLaDAModel(_teacher().cfg.replace(causal=False, mask_token_id=2044), rngs=nnx.Rngs(0))
     nnx.update(model, nnx.state(_teacher()))
@@ -176,7 +177,7 @@ def test_hf_llama_teacher_equals_transformers_generate(llama_teacher):
         want.append(out[0, ids.shape[1]:].tolist())
     results = sp.speculate(None, str(hf_dir), prompts, gamma=4, decoding=sp.Decoding(new),
                            drafter_tokenizer=STUDENT_TOK, drafter_model=_student(),
-                           teacher_model=sp.load_lm(str(hf_dir), "float32"),
+                           teacher_model=load_model(hf_dir, compute_dtype="float32")[1],
                            engine=dict(batch_size=2, drafter_cache="prefix", refresh_every=2))
     assert [row["ids"] for row in results["per_prompt"]] == want
 

@@ -32,6 +32,7 @@ from llada_jax.checkpoints import load_model
 from llada_jax.errors import SpeculateError
 from llada_jax.speculate import rejection
 from llada_jax.speculate.draft import Drafter
+from llada_jax.speculate.measures import block_stats
 from llada_jax.speculate.verify import make_verifier
 from llada_jax.speculate.vocab_bridge import VocabBridge
 
@@ -81,17 +82,6 @@ def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridg
         blocks.append((len(ids), accepted))
     return {"ids": out, "blocks": blocks, "target_calls": verifier.calls - calls,
             "drafter_forward_passes": drafter.forward_passes - passes}
-
-
-def block_stats(blocks: list[tuple[int, int]]) -> dict:
-    """Accepted length per block, and the acceptance rate at each offset j of the drafted block
-    among the blocks that reached it (drafted > j tokens and accepted the first j)."""
-    longest = max((n for n, _ in blocks), default=0)
-    tried = [sum(n > j and a >= j for n, a in blocks) for j in range(longest)]
-    took = [sum(a > j for _, a in blocks) for j in range(longest)]
-    return {"accepted_per_block": [a for _, a in blocks],
-            "mean_accepted_per_block": float(np.mean([a for _, a in blocks])) if blocks else 0.0,
-            "acceptance_by_offset": [k / t if t else None for k, t in zip(took, tried)]}
 
 
 def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBridge,

@@ -3,7 +3,7 @@ engine's own teacher-only run as the baseline (`speedup`), or none (`baseline=Fa
 
 from __future__ import annotations
 
-from llada_jax.speculate.loop import block_stats
+from llada_jax.speculate.measures import block_stats
 from llada_jax.speculate.context import EngineBridge
 from llada_jax.speculate.engine import EngineSettings, SpeculativeEngine
 

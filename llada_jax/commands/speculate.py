@@ -55,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the teacher's compute dtype")
     parser.add_argument("--seed", type=int, default=0)
+    engine = parser.add_argument_group("the compiled engine (strategy tli)")
+    engine.add_argument("--batch-size", type=int, default=8, help="prompts decoded at once")
+    engine.add_argument("--drafter-cache", choices=("none", "prefix"), default="none",
+                        help="prefix: keep the verified prefix's keys/values (Fast-dLLM); "
+                             "the drafter runs only the new tokens + masks against them")
+    engine.add_argument("--refresh-every", type=int, default=8,
+                        help="prefix cache: a full drafter forward every N blocks")
+    engine.add_argument("--refresh-tokens", type=int, default=64,
+                        help="prefix cache: ... or once the prefix grew by N tokens")
+    engine.add_argument("--draft-confidence", type=float, default=None,
+                        help="stop a draft at the first position whose top probability < C")
+    engine.add_argument("--no-baseline", action="store_true",
+                        help="skip the teacher-only run (no speedup in the results)")
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
 
@@ -70,6 +83,12 @@ def check_arguments(args) -> list[str]:
         problems.append("need --gamma >= 1 and 1 <= --steps <= --gamma")
     if args.max_new_tokens < 1 or args.trailing_masks < 0:
         problems.append("need --max-new-tokens >= 1 and --trailing-masks >= 0")
+    if getattr(args, "batch_size", 1) < 1 or getattr(args, "refresh_every", 1) < 1 \
+            or getattr(args, "refresh_tokens", 1) < 1:
+        problems.append("need --batch-size, --refresh-every and --refresh-tokens >= 1")
+    confidence = getattr(args, "draft_confidence", None)
+    if confidence is not None and not 0 <= confidence <= 1:
+        problems.append("--draft-confidence must lie in [0, 1]")
     return problems
 
 
@@ -96,7 +115,13 @@ def run(args: argparse.Namespace) -> int:
                             drafter_tokenizer=args.drafter_tokenizer,
                             teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
                             teacher_dtype=args.teacher_dtype,
-                            verifier=args.verifier, on_served=functools.partial(_warn, record))
+                            verifier=args.verifier, baseline=not args.no_baseline,
+                            on_served=functools.partial(_warn, record),
+                            engine=dict(batch_size=args.batch_size,
+                                        drafter_cache=args.drafter_cache,
+                                        refresh_every=args.refresh_every,
+                                        refresh_tokens=args.refresh_tokens,
+                                        draft_confidence=args.draft_confidence))
     except UserError:
         raise
     except (ValueError, FileNotFoundError) as err:  # a tokenizer or file the libraries refused

@@ -267,23 +267,38 @@ class LLaDAModel(nnx.Module):
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def extend(self, tokens_bk: jax.Array, cache: KVCache,
-               all_logits: bool = True) -> tuple[jax.Array, KVCache]:
+    def extend(self, tokens_bk: jax.Array, cache: KVCache, all_logits: bool = True,
+               kv_limit: int | None = None) -> tuple[jax.Array, KVCache]:
         """Appends k tokens to every row of a causal model's cache: (logits, new cache).
 
         Row b's tokens go to slots length_b .. length_b + k - 1 at positions slot - start_b
         and attend to the row's cached slots start_b .. length_b - 1 and causally to each
         other; their keys and values are written once all layers ran. logits float32 [B, k, V] (index j: next-token logits after token j), or
         [B, 1, V] after the last token only (`all_logits=False`, e.g. a prefill).
+        kv_limit (static): read only the first kv_limit cache slots (every length_b must be
+        <= it), so a step costs what the filled part needs, not the allocated length.
         """
-        cfg = self.cfg
         k = tokens_bk.shape[1]
         slots_bk = cache.length_b[:, None] + jnp.arange(k, dtype=jnp.int32)
-        sin, cos = rope_tables(slots_bk - cache.start_b[:, None], cfg)
-        keys_s = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-        old_bs = (keys_s[None, :] >= cache.start_b[:, None]) & (keys_s[None, :] < cache.length_b[:, None])
         new_bqk = (jnp.tril(jnp.ones((k, k), bool))[None]
                    & (slots_bk >= cache.start_b[:, None])[:, None, :])
+        hidden, cache = self.forward_cached(tokens_bk, cache, slots_bk - cache.start_b[:, None],
+                                            new_bqk, kv_limit)
+        return self._logits(hidden if all_logits else hidden[:, -1:]), cache
+
+    def forward_cached(self, tokens_bk: jax.Array, cache: KVCache, positions_bk: jax.Array,
+                       new_bqk: jax.Array, kv_limit: int | None = None) -> tuple[jax.Array, KVCache]:
+        """k new tokens per row at `positions_bk` over a KV cache: (hidden after ln_f [B, k, D],
+        new cache). They attend to the row's cached slots start_b .. length_b - 1 (only the
+        first `kv_limit` slots are read, a static bound on every length_b) and to each other
+        where new_bqk [B, k, k] (causal for a teacher, bidirectional for a drafter's window);
+        their keys and values are written at slots length_b .. length_b + k - 1 and length_b
+        grows by k (the caller may lower it again: a rollback)."""
+        cfg = self.cfg
+        limit = cache.k.shape[2] if kv_limit is None else kv_limit
+        sin, cos = rope_tables(positions_bk, cfg)
+        keys_s = jnp.arange(limit, dtype=jnp.int32)
+        old_bs = (keys_s[None, :] >= cache.start_b[:, None]) & (keys_s[None, :] < cache.length_b[:, None])
         x = jnp.take(self.wte[...], tokens_bk, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         stacked = {name: self.layers[name][...] for name in BLOCK_AXES}
@@ -291,7 +306,8 @@ class LLaDAModel(nnx.Module):
         def layer(x_bkd, w_and_index):
             w, i = w_and_index
             q, k_new, v_new = _qkv(cfg, w, x_bkd, sin, cos)
-            attn = cached_attention(q, cache.k[:, i], cache.v[:, i], old_bs, k_new, v_new, new_bqk)
+            attn = cached_attention(q, cache.k[:, i, :limit], cache.v[:, i, :limit], old_bs,
+                                    k_new, v_new, new_bqk)
             return _block_rest(cfg, w, x_bkd, attn), (k_new, v_new)
 
         if cfg.scan_layers:
@@ -302,11 +318,14 @@ class LLaDAModel(nnx.Module):
                 x, kv = layer(x, ({name: w[i] for name, w in stacked.items()}, i))
                 new_kv.append(kv)
             k_new, v_new = (jnp.stack(t) for t in zip(*new_kv))
-        hidden = rms_norm(x if all_logits else x[:, -1:], self.ln_f[...], cfg.rms_norm_eps)
         cache = KVCache(_write_slots(cache.k, k_new, cache.length_b),
                         _write_slots(cache.v, v_new, cache.length_b), cache.start_b,
-                        cache.length_b + k)
-        return self._logits(hidden), cache
+                        cache.length_b + tokens_bk.shape[1])
+        return rms_norm(x, self.ln_f[...], cfg.rms_norm_eps), cache
+
+    def logits(self, hidden_bld: jax.Array) -> jax.Array:
+        """float32 [B, L, V] from hidden states after ln_f (e.g. forward_cached's)."""
+        return self._logits(hidden_bld)
 
     def _run_layers(self, x_bld, sin_bld, cos_bld, mask_bqk) -> jax.Array:
         cfg = self.cfg

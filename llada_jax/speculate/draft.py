@@ -78,7 +78,9 @@ class Drafter:
     def _distributions(self, logits_wv: np.ndarray) -> np.ndarray:
         logits = np.where(self.allowed, logits_wv.astype(np.float64), -np.inf)
         if self.temperature == 0:
-            return np.eye(logits.shape[-1])[np.argmax(logits, axis=-1)]
+            rows = np.zeros_like(logits)  # one-hot rows [w, V] (never an [V, V] identity)
+            rows[np.arange(len(rows)), np.argmax(logits, axis=-1)] = 1.0
+            return rows
         return rejection.softmax(logits, self.temperature)
 
     def draft(self, context: list[int], rng: np.random.Generator) -> Draft:

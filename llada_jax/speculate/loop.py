@@ -11,12 +11,15 @@ prefix plus one teacher token (`rejection`). The output is the teacher's own law
 own greedy text, token for token). Each prompt is also decoded by the teacher alone, in the same
 run with the same verifier, for the wall-clock comparison (and, greedy, an equality check).
 
-The teacher verifies with a KV cache (`verify.CachedVerifier`), or `--verifier recompute` reruns
-it over the whole sequence at every call (`verify.RecomputeVerifier`).
+Strategy tli (with the cached verifier) runs the compiled, batched engine
+(`llada_jax.speculate.engine`: --batch-size, --drafter-cache none|prefix, --refresh-every,
+--refresh-tokens, --draft-confidence; `speedup` is against the engine's own teacher-only run,
+--no-baseline skips it). Strategy string, or `--verifier recompute`, runs the host loop here:
+the teacher verifies with a KV cache (`verify.CachedVerifier`) or reruns over the whole
+sequence at every call (`verify.RecomputeVerifier`).
 
 γ, steps and trailing masks default to the drafter's serving contract (drafter_contract.json,
-written by `train` and carried by `export-hf`); a run with other settings, another teacher
-tokenizer or vocabulary map than the drafter was trained for prints one warning line each.
+written by `train` and carried by `export-hf`); `on_served` sees the settings served.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from llada_jax.checkpoints import load_model
 from llada_jax.errors import SpeculateError
 from llada_jax.speculate import rejection
 from llada_jax.speculate.draft import Drafter
+from llada_jax.speculate.measures import block_stats
 from llada_jax.speculate.verify import make_verifier
 from llada_jax.speculate.vocab_bridge import VocabBridge
 
@@ -86,17 +90,6 @@ def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridg
         blocks.append((len(ids), accepted))
     return {"ids": out, "blocks": blocks, "target_calls": verifier.calls - calls,
             "drafter_forward_passes": drafter.forward_passes - passes}
-
-
-def block_stats(blocks: list[tuple[int, int]]) -> dict:
-    """Accepted length per block, and the acceptance rate at each offset j of the drafted block
-    among the blocks that reached it (drafted > j tokens and accepted the first j)."""
-    longest = max((n for n, _ in blocks), default=0)
-    tried = [sum(n > j and a >= j for n, a in blocks) for j in range(longest)]
-    took = [sum(a > j for _, a in blocks) for j in range(longest)]
-    return {"accepted_per_block": [a for _, a in blocks],
-            "mean_accepted_per_block": float(np.mean([a for _, a in blocks])) if blocks else 0.0,
-            "acceptance_by_offset": [k / t if t else None for k, t in zip(took, tried)]}
 
 
 def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBridge,
@@ -199,10 +192,14 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
               decoding: Decoding = Decoding(), draft_temperature: float | None = None,
               drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
               seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32", on_served=None) -> dict:
+              verifier: str = "cached", teacher_dtype: str = "float32",
+              engine: dict | None = None, baseline: bool = True, on_served=None) -> dict:
     """The subcommand as a function (demo, eval and bench call it); models may be passed in.
-    `on_served(drafter_contract.Contract)` is called with the settings served, in the terms of
-    the drafter's serving contract, before anything is decoded."""
+    Strategy tli runs the compiled engine (llada_jax.speculate.engine; `engine`: extra
+    EngineSettings fields, e.g. batch_size, drafter_cache, draft_confidence); `string` (or
+    verifier "recompute") the host loop here. `on_served(drafter_contract.Contract)` is called
+    with the settings served, in the terms of the drafter's serving contract, before anything
+    is decoded."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = (load_model(teacher_path, compute_dtype=teacher_dtype, causal=True,
@@ -225,6 +222,16 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                       trailing_masks=trailing_masks, temperature=draft_temperature)
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
+    if strategy == "tli" and verifier == "cached":
+        from llada_jax.speculate.engine import EngineSettings
+        from llada_jax.speculate.run import engine_results
+
+        settings = EngineSettings(gamma=gamma, trailing_masks=trailing_masks, steps=steps,
+                                  greedy=decoding.greedy, temperature=decoding.temperature,
+                                  draft_temperature=draft_temperature,
+                                  max_new_tokens=decoding.max_new_tokens, seed=seed,
+                                  **(engine or {}))
+        return engine_results(prompts, student, teacher, bridge, settings, stop_ids, baseline)
     longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
     return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
                                                        decoding.max_new_tokens),

@@ -42,6 +42,19 @@ class Decoding:
         return logits if self.greedy else rejection.softmax(logits, self.temperature)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockScore:
+    """One verified block: what the drafter saw and drafted (student ids), what the teacher saw
+    and scored (teacher ids) and its logits float32 [len(teacher_draft) + 1, V_teacher] (row j:
+    before teacher_draft[j]), and how many drafted tokens it accepted."""
+    student_context: list[int]
+    student_draft: list[int]
+    teacher_context: list[int]
+    teacher_draft: list[int]
+    logits: np.ndarray
+    accepted: int
+
+
 def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     for k, token in enumerate(tokens):
         if token in stop_ids:
@@ -60,19 +73,28 @@ def teacher_only(verifier, prompt_ids: list[int], decoding: Decoding, stop_ids: 
 
 
 def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridge,
-                     decoding: Decoding, stop_ids: set[int], rng: np.random.Generator) -> dict:
-    """One prompt decoded speculatively: the teacher ids and what each block did."""
+                     decoding: Decoding, stop_ids: set[int], rng: np.random.Generator,
+                     on_block=None) -> dict:
+    """One prompt decoded speculatively: the teacher ids and what each block did.
+
+    on_block(BlockScore), if given, sees every block as the teacher scored it (on-policy
+    records: llada_jax/onpolicy/collect.py)."""
     prompt_ids = bridge.teacher_prompt(prompt)
     out: list[int] = []
     blocks = []  # (teacher tokens proposed, accepted)
     calls, passes = verifier.calls, drafter.forward_passes
     while len(out) < decoding.max_new_tokens and not (out and out[-1] in stop_ids):
-        draft = drafter.draft(bridge.student_context(prompt, prompt_ids, out), rng)
+        context = bridge.student_context(prompt, prompt_ids, out)
+        draft = drafter.draft(context, rng)
         ids, q_rows = bridge.proposals(draft)
         room = decoding.max_new_tokens - len(out) - 1  # the teacher's own token always comes
         ids, q_rows = ids[:room], q_rows[:room]
-        p_rows = decoding.target_probs(verifier.score(prompt_ids + out, ids))
+        logits = verifier.score(prompt_ids + out, ids)
+        p_rows = decoding.target_probs(logits)
         accepted, token = rejection.verify_block(p_rows, q_rows, ids, rng, decoding.greedy)
+        if on_block is not None:
+            on_block(BlockScore(context, draft.ids[:len(ids)], prompt_ids + out, ids, logits,
+                                accepted))
         out += _cut_at_stop(ids[:accepted] + [token], stop_ids)
         blocks.append((len(ids), accepted))
     return {"ids": out, "blocks": blocks, "target_calls": verifier.calls - calls,
@@ -216,13 +238,22 @@ def _tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
     return str(path)
 
 
-def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma: int = 4,
-              steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
-              decoding: Decoding = Decoding(), draft_temperature: float | None = None,
-              drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
-              seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32") -> dict:
-    """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What decoding needs, built once for a set of prompts (`setup`)."""
+    drafter: Drafter
+    verifier: object  # verify.CachedVerifier | verify.RecomputeVerifier
+    bridge: VocabBridge
+    stop_ids: set[int]
+
+
+def setup(drafter_path: str | None, teacher_path: str | None, prompts: list[str], *,
+          gamma: int = 4, steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
+          decoding: Decoding = Decoding(), draft_temperature: float | None = None,
+          drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
+          drafter_model=None, teacher_model=None, verifier: str = "cached",
+          teacher_dtype: str = "float32") -> Session:
+    """Models (loaded, or passed in), vocabulary bridge, drafter and verifier for `prompts`."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
@@ -239,9 +270,17 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
     longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
-    return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
-                                                       decoding.max_new_tokens),
-                       bridge, decoding, stop_ids, seed)
+    return Session(drafter, make_verifier(verifier, teacher, longest, decoding.max_new_tokens),
+                   bridge, stop_ids)
+
+
+def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *,
+              decoding: Decoding = Decoding(), seed: int = 0, **options) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in
+    (`options`: setup's)."""
+    session = setup(drafter_path, teacher_path, prompts, decoding=decoding, **options)
+    return run_prompts(prompts, session.drafter, session.verifier, session.bridge, decoding,
+                       session.stop_ids, seed)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

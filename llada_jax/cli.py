@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),
     "generate-teacher": ("llada_jax.teacher.generate", "causal teacher + prompts -> teacher logits (seed format)"),
     "speculate": ("llada_jax.eval.speculate", "LLaDA drafts, the teacher verifies: measured tokens per target call"),
+    "collect": ("llada_jax.onpolicy.collect_command", "decode with the drafter -> on-policy training records"),
+    "onpolicy": ("llada_jax.onpolicy.rounds_command", "offline training, then rounds of collect + train"),
 }
 
 

@@ -231,7 +231,7 @@ def _generation_eos(model_dir: str | None):
     return json.loads(path.read_text()).get("eos_token_id") if model_dir and path.is_file() else None
 
 
-def _tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
+def tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
     path = pathlib.Path(given or model_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise SpeculateError(f"{path} holds no tokenizer (tokenizer.json): pass {flag} DIR")
@@ -258,8 +258,8 @@ def setup(drafter_path: str | None, teacher_path: str | None, prompts: list[str]
         raise SpeculateError("no prompts to decode")
     teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
     student = load_lm(drafter_path) if drafter_model is None else drafter_model
-    bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
-                         _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
+    bridge = VocabBridge(tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
+                         tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
                          strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
@@ -296,7 +296,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) -> None:
     """Adds E_measured_greedy / E_measured_sampled (T = 1, TLI) to each results['gamma=G']."""
-    drafter_tokenizer = _tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
+    drafter_tokenizer = tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
     prompts = prompts_from_records(args.data, args.split, drafter_tokenizer, args.speculate_prompts)
     teacher = load_lm(args.teacher, "float32")
     for gamma in args.gamma:

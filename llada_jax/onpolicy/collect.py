@@ -49,7 +49,7 @@ SOURCE = "speculate"  # the `file` of each record in the report
 
 class HostLoopCollector:
     """Blocks from `speculate_prompt` (one prompt at a time, on the host), each prompt with its
-    own generator: np.random.default_rng([seed, prompt index])."""
+    own generator: np.random.default_rng([*seed, prompt index])."""
 
     def __init__(self, session: sp.Session, decoding: sp.Decoding):
         if session.bridge.strategy != "tli" and not session.bridge.shared:
@@ -58,12 +58,13 @@ class HostLoopCollector:
                                  "teacher positions do not correspond")
         self.session, self.decoding = session, decoding
 
-    def blocks(self, prompts: Sequence[str], seed: int) -> Iterator[tuple[int, sp.BlockScore]]:
+    def blocks(self, prompts: Sequence[str], seed: Sequence[int]
+               ) -> Iterator[tuple[int, sp.BlockScore]]:
         s = self.session
         for index, prompt in enumerate(prompts):
             found: list[sp.BlockScore] = []
             sp.speculate_prompt(prompt, s.drafter, s.verifier, s.bridge, self.decoding,
-                                s.stop_ids, np.random.default_rng([seed, index]), found.append)
+                                s.stop_ids, np.random.default_rng([*seed, index]), found.append)
             yield from ((index, block) for block in found if block.teacher_draft)
 
     @property
@@ -97,7 +98,7 @@ def collector_options(session: sp.Session, student_tokenizer: str, teacher_token
 
 
 def write_records(collector: HostLoopCollector, prompts: Sequence[str], out: str,
-                  opts: Options, seed: int = 0, overwrite: bool = False) -> dict:
+                  opts: Options, seed: Sequence[int] = (0,), overwrite: bool = False) -> dict:
     """Collects on `prompts` and writes the dataset under `out` (preprocess.write_dataset: the
     TFDS layout, report.json, skipped.jsonl); returns the report."""
     converter = preprocess._checked_converter(opts)
@@ -112,7 +113,7 @@ def write_records(collector: HostLoopCollector, prompts: Sequence[str], out: str
 
 
 def write_records_atomically(collector: HostLoopCollector, prompts: Sequence[str], out: str,
-                             opts: Options, seed: int = 0) -> dict:
+                             opts: Options, seed: Sequence[int] = (0,)) -> dict:
     """write_records into `out`.partial, renamed to `out` once complete: `out` exists only
     whole. A `.partial` left by a killed run is removed and redone."""
     partial = out.rstrip("/") + ".partial"

@@ -59,7 +59,15 @@ RECIPES = {
     "draft_blocks_dense+lk+streak": _DENSE + _STREAK + ("--config.loss.kind=lk",),
     "draft_blocks_mixed+kl": _MIXED + ("--config.loss.kind=kl",),
     "draft_blocks_mixed+lk+streak": _MIXED + _STREAK + ("--config.loss.kind=lk",),
+    # issue 25: the same updates, the last half as 2 on-policy rounds (llada_jax/onpolicy):
+    # --steps S = S/2 offline + 2 x S/4 on the offline data mixed 1:1 with the rounds' records
+    # (128 training prompts a round, decoded as the measurement decodes, sampled at T = 1).
+    "original+kl+onpolicy": _ORIGINAL + ("--config.loss.kind=kl", "--config.onpolicy.rounds=2",
+                                         f"--config.onpolicy.teacher={ASSETS / 'teacher'}",
+                                         "--config.onpolicy.max_new_tokens=16"),
 }
+# Settings a recipe derives from --steps: field -> value for S steps.
+PER_STEPS = {"onpolicy.steps_per_round": lambda steps: max(steps // 4, 1)}
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
 QUICK = (64, 12, 30)
@@ -208,7 +216,9 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
 
     def train(name, seed):
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
-            RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}"]
+            RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}",
+                              f"--config.onpolicy.seed={seed}"] + [
+            f"--config.{field}={value(args.steps)}" for field, value in PER_STEPS.items()]
         config = train_config.load_config("tiny", overrides)
         after = align_student(config, out / f"run_{name}_s{seed}", before=False,
                               confirm=True)["after"]
@@ -259,7 +269,12 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
     prompts, confirm_prompts = prompts[:SPEC_PROMPTS], prompts[SPEC_PROMPTS:]
     initial = (held_out(trainer.initial_state()) | measured(trainer.initial_state(), prompts)
                if before else {})
-    trainer.fit()
+    if config.onpolicy.rounds:  # the same trainer settings, in rounds (issue 25)
+        from llada_jax.onpolicy.rounds import run_rounds
+
+        trainer = run_rounds(config, workdir / "onpolicy", progress=sys.stderr.isatty())
+    else:
+        trainer.fit()
     after = held_out(trainer.final_state) | measured(trainer.final_state, prompts)
     if confirm and not confirm_prompts:
         print(f"  no held-out prompts after the first {SPEC_PROMPTS}: the confirmation columns "

@@ -309,7 +309,8 @@ def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) ->
             results[f"gamma={gamma}"][f"E_measured_{name}"] = summary["tokens_per_target_call"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models, prompts and draft shape (speculate and collect)."""
     parser.add_argument("--drafter", required=True, help="LLaDA: params checkpoint, workdir or HF dir")
     parser.add_argument("--teacher", required=True, help="causal teacher checkpoint or HF dir")
     parser.add_argument("--drafter-tokenizer", help="default: the --drafter directory")
@@ -319,6 +320,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_decoding_arguments(parser)
     parser.add_argument("--trailing-masks", type=int, default=4,
                         help="masks after the block (never filled): text goes on")
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")

@@ -21,20 +21,12 @@ from llada_jax.teacher.prompts import read_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", required=True, help="LLaDA: params checkpoint, workdir or HF dir")
-    parser.add_argument("--teacher", required=True, help="causal teacher checkpoint or HF dir")
-    parser.add_argument("--drafter-tokenizer", help="default: the --drafter directory")
-    parser.add_argument("--teacher-tokenizer", help="default: the --teacher directory")
-    parser.add_argument("--prompts", required=True, nargs="+",
-                        help="training prompts: text (one a line), .jsonl or .json")
-    parser.add_argument("--max-prompts", type=int, default=None)
+    sp.add_decoding_arguments(parser)
     parser.add_argument("--records", required=True, help="the dataset directory to write")
     parser.add_argument("--top-k", type=int, default=64, help="teacher targets kept per position")
     parser.add_argument("--max-length", type=int, default=4096,
                         help="max student tokens per record (context + gamma + trailing masks)")
     parser.add_argument("--record-format", type=int, choices=records.FORMATS, default=2)
-    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
     parser.add_argument("--trailing-masks", type=int, default=4)
     parser.add_argument("--greedy", action="store_true", help="greedy teacher and drafter")
     parser.add_argument("--temperature", type=float, default=1.0,

@@ -92,6 +92,7 @@ def run_rounds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *
     for r in range(steps.rounds):
         data = round_dir(workdir, r)
         if not data.is_dir():
+            _check_drafter_step(trainer, steps.end_of(r), r, workdir)
             report = _collect(config, trainer, prompts, r, data)
             log(f"round {r}: collected {report['written']} blocks -> {data}")
         done.append(data)
@@ -104,6 +105,16 @@ def _train(config, workdir: pathlib.Path, stop_at: int, progress: bool) -> Train
     trainer = Trainer(config, workdir / "train", progress=progress)
     trainer.fit(stop_at=stop_at)
     return trainer
+
+
+def _check_drafter_step(trainer: Trainer, want: int, r: int, workdir: pathlib.Path) -> None:
+    """Round r collects with the drafter of step `want`; a workdir trained further without
+    round r's records was made with other settings."""
+    have = int(trainer.final_state.step)
+    if have != want:
+        raise ConfigError(f"{workdir / 'train'} holds step {have} but round {r} collects with "
+                          f"the drafter of step {want}: the workdir was made with other "
+                          f"onpolicy / train.num_steps settings; use them, or a new --workdir")
 
 
 def _prompts(config: ml_collections.ConfigDict) -> list[str]:

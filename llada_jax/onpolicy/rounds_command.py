@@ -14,14 +14,13 @@ import argparse
 
 from llada_jax.onpolicy import rounds
 from llada_jax.train import config as train_config
+from llada_jax.train import trainer
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="a shipped config (" + ", ".join(train_config.shipped_configs())
-                             + ") or a config file (path.py or path.py:variant)")
+    trainer.add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="the rounds' records and the training")
     parser.add_argument("--rounds", type=int, default=None, help="config.onpolicy.rounds")
     parser.add_argument("--steps-per-round", type=int, default=None,

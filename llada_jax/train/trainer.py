@@ -36,10 +36,14 @@ from llada_jax.train.metrics_writer import MetricsLogger
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="a shipped config (" + ", ".join(train_config.shipped_configs())
                              + ") or a config file (path.py or path.py:variant)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
     parser.add_argument("--coordinator-address", default=None,
                         help="multi-process runs off TPU: host:port of process 0")

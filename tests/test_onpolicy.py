@@ -218,3 +218,19 @@ def test_onpolicy_plan_checks_the_steps_and_the_teacher(two_datasets):
                  "--config.onpolicy.teacher=T")
     assert rounds.plan(ok) == rounds.Plan(200, 100, 2)
     assert [rounds.plan(ok).end_of(s) for s in range(3)] == [200, 300, 400]
+
+
+def test_cli_errors_exit_2_with_the_fix(two_datasets, tmp_path, capsys):
+    from llada_jax import cli
+
+    assert cli.main(["collect", "--drafter", str(ASSETS / "student"), "--teacher",
+                     str(ASSETS / "teacher"), "--prompts", str(ASSETS / "prompts_train.txt"),
+                     "--records", str(tmp_path / "r"), "--gamma", "0"]) == 2
+    assert "need --gamma >= 1" in capsys.readouterr().err
+    assert cli.main(["onpolicy", "--config", "tiny", "--workdir", str(tmp_path / "w"),
+                     "--rounds", "3", "--steps-per-round", "50", "--teacher", "T",
+                     f"--config.data.dir={two_datasets[0]}", "--config.train.num_steps=100"]) == 2
+    err = capsys.readouterr().err
+    assert "llada-jax onpolicy: invalid on-policy config" in err
+    assert "train.num_steps=100 must be at least onpolicy.rounds x" in err
+    assert not (tmp_path / "w").exists()  # refused before anything ran

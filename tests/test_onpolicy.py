@@ -16,9 +16,10 @@ from transformers import AutoTokenizer
 from data_pipeline import loader
 from data_pipeline.convert import Options
 from data_pipeline.preprocess import preprocess
-from llada_jax.demo import ASSETS
+from llada_jax.checkpoints import load_model
+from llada_jax.commands.demo import ASSETS
 from llada_jax.errors import ConfigError
-from llada_jax.eval import speculate as sp
+from llada_jax.speculate import loop as sp
 from llada_jax.onpolicy import collect, rounds
 from llada_jax.teacher.prompts import read_prompts
 from llada_jax.train import config as train_config
@@ -85,7 +86,7 @@ def test_records_read_back_equal_the_teachers_distributions(collected):
                                    num_epochs=1, pack=False, prefetch=0, shard_index=0,
                                    shard_count=1))
     assert len(rows) == len(blocks)
-    reference = _teacher_forward(sp.load_lm(str(ASSETS / "teacher"), "float32"))
+    reference = _teacher_forward(load_model(ASSETS / "teacher", compute_dtype="float32", causal=True)[1])
     teacher_ids, student_ids = _teacher_to_student()
     student_tok = AutoTokenizer.from_pretrained(STUDENT_TOK)
     teacher_tok = AutoTokenizer.from_pretrained(TEACHER_TOK)

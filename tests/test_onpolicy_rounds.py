@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from data_pipeline import records
-from llada_jax.demo import ASSETS
+from llada_jax.commands.demo import ASSETS
 from tests.helpers import ROOT, assert_bit_identical, env, final_params, run_to_end
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from llada_jax.demo import make_teacher_data
+    from llada_jax.commands.demo import make_teacher_data
 
     return make_teacher_data(tmp_path_factory.mktemp("onpolicy_data"), 6, 8, 16)
 

@@ -26,7 +26,7 @@ there, conditioned on the corrected prefix; its record has that prefix as contex
 lossless, so the contexts themselves follow the teacher's law (sampled) or its greedy text.
 
 The collector interface (`blocks(prompts, seed)` -> BlockScore per verified block) is what the
-record writer needs; `HostLoopCollector` runs eval/speculate.py's host loop, and a compiled engine
+record writer needs; `HostLoopCollector` runs speculate/loop.py's host loop, and a compiled engine
 can replace it.
 """
 
@@ -42,7 +42,7 @@ from data_pipeline import preprocess
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.validate import TeacherRecord
 from llada_jax.errors import SpeculateError
-from llada_jax.eval import speculate as sp
+from llada_jax.speculate import loop as sp
 
 SOURCE = "speculate"  # the `file` of each record in the report
 
@@ -101,7 +101,7 @@ def write_records(collector: HostLoopCollector, prompts: Sequence[str], out: str
                   opts: Options, seed: Sequence[int] = (0,), overwrite: bool = False) -> dict:
     """Collects on `prompts` and writes the dataset under `out` (preprocess.write_dataset: the
     TFDS layout, report.json, skipped.jsonl); returns the report."""
-    converter = preprocess._checked_converter(opts)
+    converter = preprocess.checked_converter(opts)
     layout, text = collector.layout, collector.session.bridge.text
 
     def results() -> Iterator[Result]:

@@ -26,8 +26,9 @@ from collections.abc import Callable
 import ml_collections
 from flax import nnx
 
+from data_pipeline import loader
 from llada_jax.errors import ConfigError
-from llada_jax.eval import speculate as sp
+from llada_jax.speculate import loop as sp
 from llada_jax.onpolicy import collect
 from llada_jax.teacher.prompts import read_prompts
 from llada_jax.train.trainer import Trainer
@@ -122,7 +123,7 @@ def _prompts(config: ml_collections.ConfigDict) -> list[str]:
     if op.prompts:
         prompts = list(read_prompts([op.prompts]))
     else:
-        prompts = sp.prompts_from_records(config.data.dir, "train", _data_options(config)[0])
+        prompts = loader.prompt_texts(config.data.dir, "train", _data_options(config)[0])
     if not prompts:
         raise ConfigError(f"no prompts to collect on in {op.prompts or config.data.dir}")
     return prompts
@@ -130,8 +131,6 @@ def _prompts(config: ml_collections.ConfigDict) -> list[str]:
 
 def _data_options(config) -> tuple[str, str, int]:
     """(student tokenizer, teacher tokenizer, top_k) of data.dir, the records' own."""
-    from data_pipeline import loader
-
     meta = loader.read_metadata(config.data.dir)
     teacher_tokenizer = config.onpolicy.teacher_tokenizer or meta.options["teacher_tokenizer"]
     return meta.options["student_tokenizer"], teacher_tokenizer, meta.top_k

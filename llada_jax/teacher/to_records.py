@@ -1,4 +1,4 @@
-"""`generate-teacher --records DATA_DIR`: the training dataset straight from the teacher, no JSON.
+"""The training dataset straight from the teacher, no JSON (`generate-teacher --records DATA_DIR`).
 
     llada-jax generate-teacher --teacher LLAMA_DIR --prompts p.txt --records DATA_DIR \\
         --student-tokenizer LLADA_TOK --top-k 64 [--max-length 4096]
@@ -20,9 +20,7 @@ process (shared storage such as GCS on a pod) to decide whether a finished datas
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -35,12 +33,13 @@ from data_pipeline.validate import Entry, TeacherRecord
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import generate as gen
 from llada_jax.teacher import hosts
+from llada_jax.teacher.seed_format import TokenText
 
 SOURCE = "generate-teacher"  # the `file` of each record in the report
 
 
-def teacher_record(prompt: str, row: gen._Row, tokenizer: PreTrainedTokenizerBase,
-                   token_text: gen._TokenText, converter: Converter) -> TeacherRecord:
+def teacher_record(prompt: str, row: gen.Row, tokenizer: PreTrainedTokenizerBase,
+                   token_text: TokenText, converter: Converter) -> TeacherRecord:
     """The seed-format record of one generated row, its full logits reduced by the converter."""
     entries = [Entry(chosen_token=token_text(token_id), chosen_id=token_id,
                      top5_tokens=[token_text(int(i)) for i in top_ids],
@@ -60,14 +59,14 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
     """Generates for `prompts` (all of them: each process takes its share) and writes the
     dataset under `out`; the report dict on process 0, None on the others. `options`:
     generate_batches's (chat_template, mesh)."""
-    converter = preprocess._checked_converter(opts)
+    converter = preprocess.checked_converter(opts)
     count, rank = jax.process_count(), jax.process_index()
     prompts = list(prompts)
     finished = os.path.isdir(os.path.join(out, records.NAME, records.VERSION)) and not overwrite
     batches = gen.generate_batches(model, tokenizer, prompts[rank::count], sampling,
                                    batch_size=batch_size, full_logits=True,
                                    numbers=range(rank, len(prompts), count), **options)
-    token_text = gen._TokenText(tokenizer)
+    token_text = TokenText(tokenizer)
 
     def results() -> Iterator[Result]:
         for batch in hosts.own_rounds(batches, 0 if finished else len(prompts), batch_size):
@@ -82,27 +81,3 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
     for _ in results():
         pass
     return None
-
-
-def run(args, sampling: gen.Sampling, mesh) -> int:
-    """generate-teacher --records (the parsed CLI arguments of generate.add_arguments;
-    generate.run has started the processes and made the mesh)."""
-    model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
-    if jax.process_count() > 1:
-        print(hosts.describe_share(model))
-    teacher_tokenizer = args.tokenizer or args.teacher
-    opts = Options(args.student_tokenizer, str(teacher_tokenizer), args.max_length, args.top_k,
-                   model.cfg.vocab_size, validation_fraction=args.validation_fraction,
-                   record_format=args.record_format)
-    try:
-        report = write_teacher_dataset(
-                model, tokenizer, list(gen.read_prompts(args.prompts)), args.records, opts, sampling,
-                batch_size=args.batch_size, overwrite=args.overwrite,
-                chat_template=args.chat_template, mesh=mesh)
-    except ValueError as e:  # the data pipeline's own errors (tokenizers, options, reuse)
-        print(f"generate-teacher: {e}", file=sys.stderr)
-        return 2
-    if report is not None:
-        print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
-                                                 "bytes_per_response_token") if k in report}, indent=2))
-    return 0

@@ -1,6 +1,8 @@
-"""Metrics sinks: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL file, console.
+"""Metrics sinks: TensorBoard event files (tensorboardX, no TensorFlow) and a JSONL file.
 
-Only process 0 writes. Values arrive as plain Python floats, already reduced from (sum, count).
+The one TensorBoard writer of the project: `MetricsLogger` (train's running metrics, process 0
+only) and `write_scalars` (the one-shot results of eval and speculate). Values arrive as plain
+Python floats, already reduced from (sum, count).
 """
 
 from __future__ import annotations
@@ -8,8 +10,22 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Iterable
 
 import jax
+
+
+def _summary_writer(logdir: str | pathlib.Path):
+    from tensorboardX import SummaryWriter  # imported lazily: only a process that writes needs it
+
+    return SummaryWriter(str(logdir))
+
+
+def write_scalars(logdir: str | pathlib.Path, scalars: Iterable[tuple[str, float, int]]) -> None:
+    """(tag, value, step) triples into TensorBoard event files under `logdir`."""
+    with _summary_writer(logdir) as writer:
+        for tag, value, step in scalars:
+            writer.add_scalar(tag, value, step)
 
 
 class MetricsLogger:
@@ -19,10 +35,8 @@ class MetricsLogger:
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = _summary_writer(self.workdir / "tensorboard")
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float], *, prefix: str = "train") -> None:

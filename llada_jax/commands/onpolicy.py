@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 
+from llada_jax.commands.train import add_config_argument
 from llada_jax.onpolicy import rounds
 from llada_jax.train import config as train_config
-from llada_jax.train import trainer
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    trainer.add_config_argument(parser)
+    add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="the rounds' records and the training")
     parser.add_argument("--rounds", type=int, default=None, help="config.onpolicy.rounds")
     parser.add_argument("--steps-per-round", type=int, default=None,

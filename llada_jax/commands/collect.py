@@ -1,4 +1,5 @@
-"""`llada-jax collect`: on-policy training records from speculative decoding (collect.py).
+"""`llada-jax collect`: on-policy training records from speculative decoding
+(llada_jax/onpolicy/collect.py).
 
     llada-jax collect --drafter CKPT --teacher LLAMA --prompts p.txt --records DATA_DIR \\
         [--drafter-tokenizer DIR] [--teacher-tokenizer DIR] --gamma 4 --top-k 64 \\
@@ -14,14 +15,15 @@ import argparse
 import json
 
 from data_pipeline import records
+from llada_jax.commands.speculate import add_decoding_arguments
 from llada_jax.errors import SpeculateError
-from llada_jax.eval import speculate as sp
 from llada_jax.onpolicy import collect
+from llada_jax.speculate import loop as sp
 from llada_jax.teacher.prompts import read_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sp.add_decoding_arguments(parser)
+    add_decoding_arguments(parser)
     parser.add_argument("--records", required=True, help="the dataset directory to write")
     parser.add_argument("--top-k", type=int, default=64, help="teacher targets kept per position")
     parser.add_argument("--max-length", type=int, default=4096,

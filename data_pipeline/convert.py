@@ -113,6 +113,16 @@ class Converter:
         except SkipRecord as skip:
             return Result(file, index, reason=skip.reason, detail=skip.detail)
 
+    def convert_ids(self, file: str, index: int, rec: TeacherRecord, prompt_ids: np.ndarray,
+                    response_ids: np.ndarray, per_position: list) -> Result:
+        """A record whose student tokens are known already (speculate's on-policy records: the
+        drafter's own context and draft); per_position[j]: reduce_full's target of response
+        position j, or None. `rec` (its text) names the example and picks its split."""
+        try:
+            return self._example(file, index, rec, prompt_ids, response_ids, per_position)
+        except SkipRecord as skip:
+            return Result(file, index, reason=skip.reason, detail=skip.detail)
+
     def _convert(self, raw: RawRecord) -> Result:
         rec = parse_record(raw.text, self.reduce_full, self.id_bound, self.full_length,
                            self.length_hint, start=raw.start, arrays=raw.arrays)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -155,7 +156,12 @@ def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
                 top_k: int | None = None, seed: int = 0, num_epochs: int | None = None,
                 shuffle: bool = True, shard_index: int | None = None,
                 shard_count: int | None = None, pack: bool = True,
-                num_packing_bins: int | None = None, prefetch: int = 2):
+                num_packing_bins: int | None = None, prefetch: int = 2,
+                mix: Sequence[tuple[str, float]] = ()):
+    """`mix`: ((data_dir, weight), ...) to read instead of `data_dir` (whose metadata still
+    gives the default top_k): each dataset's share of the host's examples, shuffled on its own
+    and repeated forever (num_epochs is ignored), mixed in proportion to the weights by grain's
+    index arithmetic, so the mixture is as deterministic and resumable as one dataset."""
     if shard_index is None or shard_count is None:
         import jax
         shard_index, shard_count = jax.process_index(), jax.process_count()
@@ -164,14 +170,20 @@ def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
                          f"{shard_count} hosts")
     rows = batch_size // shard_count
     top_k = top_k or read_metadata(data_dir).top_k
-    ds = grain.MapDataset.source(records.open_split(data_dir, split))
-    ds = ds[shard_index::shard_count]
-    if len(ds) == 0:
-        raise DataError(f"{data_dir}: split {split!r} has no examples for host {shard_index} "
-                         f"of {shard_count}")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(lambda ex: to_positions(ex, top_k, seq_len))
+
+    def source(path: str) -> grain.MapDataset:
+        ds = grain.MapDataset.source(records.open_split(path, split))[shard_index::shard_count]
+        if len(ds) == 0:
+            raise DataError(f"{path}: split {split!r} has no examples for host {shard_index} "
+                             f"of {shard_count}")
+        return ds.shuffle(seed=seed) if shuffle else ds
+
+    if mix:
+        ds = grain.MapDataset.mix([source(path).repeat(None) for path, _ in mix],
+                                  [weight for _, weight in mix])
+    else:
+        ds = source(data_dir).repeat(num_epochs)
+    ds = ds.map(lambda ex: to_positions(ex, top_k, seq_len))
     # A short read-ahead: grain's default (16 threads, 500 elements) polls every pending read
     # on each step, which cost a third of the loader's time (1.5x throughput with this).
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=64))

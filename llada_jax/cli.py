@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llada_jax.commands.demo", "the whole flow end to end on the built-in tiny default"),
     "generate-teacher": ("llada_jax.commands.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
     "speculate": ("llada_jax.commands.speculate", "LLaDA drafts, the teacher verifies: measured tokens per target call"),
+    "collect": ("llada_jax.commands.collect", "decode with the drafter -> on-policy training records"),
+    "onpolicy": ("llada_jax.commands.onpolicy", "offline training, then rounds of collect + train"),
 }
 
 

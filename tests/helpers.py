@@ -120,6 +120,28 @@ def final_params(workdir) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
+def env() -> dict:
+    """The environment of a CLI subprocess: one CPU device, as a user's plain run."""
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def run_to_end(cmd):
+    import subprocess
+
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_bit_identical(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
 # -- tiny random HF LLaDA directories (config.json + safetensors), written with torch ----------
 
 PREFIX = "model.transformer."

@@ -2,18 +2,15 @@
 and compared parameter by parameter with an uninterrupted run."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
-from tests.helpers import ROOT, final_params, make_dataset
+from tests.helpers import ROOT, assert_bit_identical, env, final_params, make_dataset, run_to_end
 
 STEPS = 40
 
@@ -31,18 +28,6 @@ def train_cmd(data_dir, workdir, *extra):
             "--config.train.checkpoint_every=5", "--config.train.eval_every=1000", *extra]
 
 
-def env():
-    e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
-    return e
-
-
-def run_to_end(cmd):
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def interrupt(cmd, workdir: pathlib.Path, sig: int, after_checkpoint: int):
     """Starts training, waits for checkpoint `after_checkpoint` to be final, sends `sig`."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
@@ -57,13 +42,6 @@ def interrupt(cmd, workdir: pathlib.Path, sig: int, after_checkpoint: int):
     out, err = proc.communicate(timeout=300)
     assert still_running, "the run finished before it could be interrupted"
     return proc.returncode, out, err
-
-
-def assert_bit_identical(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture(scope="module")

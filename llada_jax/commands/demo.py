@@ -25,7 +25,7 @@ import sys
 import time
 
 from llada_jax.errors import UserError
-from llada_jax.train.recipes import BASELINE, RECIPES
+from llada_jax.train.recipes import BASELINE, PER_STEPS, RECIPES
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "demo_assets"
 STRATEGIES = ("original", "masked_only", "prefix_block")
@@ -179,7 +179,10 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
 
     def train(name, seed):
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
-            RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}"]
+            RECIPES[name]) + [f"--config.train.seed={seed}", f"--config.model.init_seed={seed}",
+                              f"--config.onpolicy.seed={seed}",
+                              f"--config.onpolicy.teacher={ASSETS / 'teacher'}"] + [
+            f"--config.{field}={value(args.steps)}" for field, value in PER_STEPS.items()]
         config = train_config.load_config("tiny", overrides)
         after = align_student(config, out / f"run_{name}_s{seed}", before=False,
                               confirm=True)["after"]
@@ -231,7 +234,12 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
     prompts, confirm_prompts = prompts[:SPEC_PROMPTS], prompts[SPEC_PROMPTS:]
     initial = (held_out(trainer.initial_state()) | measured(trainer.initial_state(), prompts)
                if before else {})
-    trainer.fit()
+    if config.onpolicy.rounds:  # the same trainer settings, in rounds (issue 25)
+        from llada_jax.onpolicy.rounds import run_rounds
+
+        trainer = run_rounds(config, workdir / "onpolicy", progress=sys.stderr.isatty())
+    else:
+        trainer.fit()
     after = held_out(trainer.final_state) | measured(trainer.final_state, prompts)
     if confirm and not confirm_prompts:
         print(f"  no held-out prompts after the first {SPEC_PROMPTS}: the confirmation columns "

@@ -27,7 +27,8 @@ from llada_jax.speculate.vocab_bridge import STRATEGIES
 from llada_jax.teacher.prompts import read_prompts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models, prompts and draft shape (speculate and collect)."""
     parser.add_argument("--drafter", required=True, help="LLaDA: params checkpoint, workdir or HF dir")
     parser.add_argument("--teacher", required=True, help="causal teacher checkpoint or HF dir")
     parser.add_argument("--drafter-tokenizer", help="default: the --drafter directory")
@@ -44,6 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trailing-masks", type=int, default=None,
                         help=f"masks after the block (never filled): text goes on (default: the "
                              f"contract's, else {DEFAULTS['trailing_masks']})")
+
+
+def resolve_draft_shape(args: argparse.Namespace):
+    """Fills --gamma / --steps / --trailing-masks left unset from the drafter's serving contract
+    (else DEFAULTS); returns the contract (None: the drafter has none)."""
+    record = drafter_contract.find(args.drafter)  # None: an export older than the record
+    for name, default in DEFAULTS.items():
+        setattr(args, name, drafter_contract.resolve(getattr(args, name), record, name, default))
+    return record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_decoding_arguments(parser)
     parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
     parser.add_argument("--verifier", choices=VERIFIERS, default="cached",
                         help="teacher with a KV cache, or rerun over the whole sequence per call")
@@ -98,9 +112,7 @@ def _warn(record, served) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    record = drafter_contract.find(args.drafter)  # None: an export older than the record
-    for name, default in DEFAULTS.items():
-        setattr(args, name, drafter_contract.resolve(getattr(args, name), record, name, default))
+    record = resolve_draft_shape(args)
     problems = check_arguments(args)
     if problems:
         raise SpeculateError("; ".join(problems))

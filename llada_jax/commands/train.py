@@ -30,10 +30,14 @@ def initialize_distributed(args: argparse.Namespace) -> None:
                                          args.process_id)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="a shipped config (" + ", ".join(train_config.shipped_configs())
                              + ") or a config file (path.py or path.py:variant)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
     add_distributed_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no console progress bar")

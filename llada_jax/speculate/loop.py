@@ -55,6 +55,19 @@ class Decoding:
         return logits if self.greedy else rejection.softmax(logits, self.temperature)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockScore:
+    """One verified block: what the drafter saw and drafted (student ids), what the teacher saw
+    and scored (teacher ids) and its logits float32 [len(teacher_draft) + 1, V_teacher] (row j:
+    before teacher_draft[j]), and how many drafted tokens it accepted."""
+    student_context: list[int]
+    student_draft: list[int]
+    teacher_context: list[int]
+    teacher_draft: list[int]
+    logits: np.ndarray
+    accepted: int
+
+
 def _cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     for k, token in enumerate(tokens):
         if token in stop_ids:
@@ -73,19 +86,28 @@ def teacher_only(verifier, prompt_ids: list[int], decoding: Decoding, stop_ids: 
 
 
 def speculate_prompt(prompt: str, drafter: Drafter, verifier, bridge: VocabBridge,
-                     decoding: Decoding, stop_ids: set[int], rng: np.random.Generator) -> dict:
-    """One prompt decoded speculatively: the teacher ids and what each block did."""
+                     decoding: Decoding, stop_ids: set[int], rng: np.random.Generator,
+                     on_block=None) -> dict:
+    """One prompt decoded speculatively: the teacher ids and what each block did.
+
+    on_block(BlockScore), if given, sees every block as the teacher scored it (on-policy
+    records: llada_jax/onpolicy/collect.py)."""
     prompt_ids = bridge.teacher_prompt(prompt)
     out: list[int] = []
     blocks = []  # (teacher tokens proposed, accepted)
     calls, passes = verifier.calls, drafter.forward_passes
     while len(out) < decoding.max_new_tokens and not (out and out[-1] in stop_ids):
-        draft = drafter.draft(bridge.student_context(prompt, prompt_ids, out), rng)
+        context = bridge.student_context(prompt, prompt_ids, out)
+        draft = drafter.draft(context, rng)
         ids, q_rows = bridge.proposals(draft)
         room = decoding.max_new_tokens - len(out) - 1  # the teacher's own token always comes
         ids, q_rows = ids[:room], q_rows[:room]
-        p_rows = decoding.target_probs(verifier.score(prompt_ids + out, ids))
+        logits = verifier.score(prompt_ids + out, ids)
+        p_rows = decoding.target_probs(logits)
         accepted, token = rejection.verify_block(p_rows, q_rows, ids, rng, decoding.greedy)
+        if on_block is not None:
+            on_block(BlockScore(context, draft.ids[:len(ids)], prompt_ids + out, ids, logits,
+                                accepted))
         out += _cut_at_stop(ids[:accepted] + [token], stop_ids)
         blocks.append((len(ids), accepted))
     return {"ids": out, "blocks": blocks, "target_calls": verifier.calls - calls,
@@ -187,19 +209,26 @@ def tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
     return str(path)
 
 
-def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma: int = 4,
-              steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
-              decoding: Decoding = Decoding(), draft_temperature: float | None = None,
-              drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
-              seed: int = 0, drafter_model=None, teacher_model=None,
-              verifier: str = "cached", teacher_dtype: str = "float32",
-              engine: dict | None = None, baseline: bool = True, on_served=None) -> dict:
-    """The subcommand as a function (demo, eval and bench call it); models may be passed in.
-    Strategy tli runs the compiled engine (llada_jax.speculate.engine; `engine`: extra
-    EngineSettings fields, e.g. batch_size, drafter_cache, draft_confidence); `string` (or
-    verifier "recompute") the host loop here. `on_served(drafter_contract.Contract)` is called
-    with the settings served, in the terms of the drafter's serving contract, before anything
-    is decoded."""
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What decoding needs, built once for a set of prompts (`setup`)."""
+    drafter: Drafter
+    verifier: object  # verify.CachedVerifier | verify.RecomputeVerifier | None (the engine's)
+    bridge: VocabBridge
+    stop_ids: set[int]
+    student: object = None  # the models themselves (the engine takes them)
+    teacher: object = None
+
+
+def setup(drafter_path: str | None, teacher_path: str | None, prompts: list[str], *,
+          gamma: int = 4, steps: int = 1, trailing_masks: int = 4, strategy: str = "tli",
+          decoding: Decoding = Decoding(), draft_temperature: float | None = None,
+          drafter_tokenizer: str | None = None, teacher_tokenizer: str | None = None,
+          drafter_model=None, teacher_model=None, verifier: str | None = "cached",
+          teacher_dtype: str = "float32", on_served=None) -> Session:
+    """Models (loaded, or passed in), vocabulary bridge, drafter and verifier (none when
+    `verifier` is None) for `prompts`. `on_served(drafter_contract.Contract)` is called with the
+    settings served, in the terms of the drafter's serving contract, before anything is decoded."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
     teacher = (load_model(teacher_path, compute_dtype=teacher_dtype, causal=True,
@@ -222,17 +251,36 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                       trailing_masks=trailing_masks, temperature=draft_temperature)
     _check_prompts(prompts, bridge, decoding.max_new_tokens, teacher.cfg.max_sequence_length)
     stop_ids = bridge.stop_ids(teacher.cfg.eos_token_id, _generation_eos(teacher_path))
-    if strategy == "tli" and verifier == "cached":
+    longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
+    made = (None if verifier is None
+            else make_verifier(verifier, teacher, longest, decoding.max_new_tokens))
+    return Session(drafter, made, bridge, stop_ids, student, teacher)
+
+
+def speculate(drafter_path: str | None, teacher_path: str | None, prompts: list[str], *,
+              decoding: Decoding = Decoding(), seed: int = 0, engine: dict | None = None,
+              baseline: bool = True, **options) -> dict:
+    """The subcommand as a function (demo, eval and bench call it); models may be passed in
+    (`options`: setup's). Strategy tli with the cached verifier runs the compiled engine
+    (llada_jax.speculate.engine; `engine`: extra EngineSettings fields, e.g. batch_size,
+    drafter_cache, draft_confidence; `baseline`: also the engine's teacher-only run); `string`
+    (or verifier "recompute") the host loop here."""
+    use_engine = (options.get("strategy", "tli") == "tli"
+                  and options.get("verifier", "cached") == "cached")
+    if use_engine:
+        options = {**options, "verifier": None}  # the engine keeps its own teacher cache
+    session = setup(drafter_path, teacher_path, prompts, decoding=decoding, **options)
+    if use_engine:
         from llada_jax.speculate.engine import EngineSettings
         from llada_jax.speculate.run import engine_results
 
-        settings = EngineSettings(gamma=gamma, trailing_masks=trailing_masks, steps=steps,
+        d = session.drafter
+        settings = EngineSettings(gamma=d.gamma, trailing_masks=d.trailing, steps=d.steps,
                                   greedy=decoding.greedy, temperature=decoding.temperature,
-                                  draft_temperature=draft_temperature,
+                                  draft_temperature=d.temperature,
                                   max_new_tokens=decoding.max_new_tokens, seed=seed,
                                   **(engine or {}))
-        return engine_results(prompts, student, teacher, bridge, settings, stop_ids, baseline)
-    longest = max(len(bridge.teacher_prompt(p)) for p in prompts)
-    return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
-                                                       decoding.max_new_tokens),
-                       bridge, decoding, stop_ids, seed)
+        return engine_results(prompts, session.student, session.teacher, session.bridge,
+                              settings, session.stop_ids, baseline)
+    return run_prompts(prompts, session.drafter, session.verifier, session.bridge, decoding,
+                       session.stop_ids, seed)

@@ -66,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.pack = True
     c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
     c.data.eval_split = "validation"
+    # Train on several datasets at once: ((dir, weight), ...), e.g. offline and on-policy
+    # records (loader.make_loader's mix; needs train.num_steps). data.dir still gives the
+    # metadata and the eval split. () = train on data.dir alone.
+    c.data.mix = ()
 
     # The distillation objective: every field and its meaning is distill.loss.LossConfig's
     # (kind, temperature, the LM-head cut, mask mode, drafted blocks, position weights, the TLI
@@ -101,6 +105,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.gammas = (4, 8)
     c.eval.seed = 0                    # seed of the drafting cut points
     c.eval.chunk_size = 256            # scored positions per LM-head chunk
+
+    # On-policy rounds (`llada-jax onpolicy`, llada_jax/onpolicy/rounds.py): train.num_steps -
+    # rounds x steps_per_round offline steps on data.dir, then each round decodes
+    # prompts_per_round training prompts with the latest drafter (speculate, TLI), writes their
+    # blocks as records and trains steps_per_round steps on data.dir mixed with every round so
+    # far (`weight`: the rounds' share, split evenly). 0 rounds: plain training.
+    c.onpolicy = ml_collections.ConfigDict()
+    c.onpolicy.rounds = 0
+    c.onpolicy.steps_per_round = 100
+    c.onpolicy.prompts_per_round = 128  # round r takes the next ones, wrapping around
+    c.onpolicy.weight = 0.5
+    c.onpolicy.teacher = ""            # causal teacher: params checkpoint or HF dir (required)
+    c.onpolicy.teacher_tokenizer = ""  # "": data.dir's teacher tokenizer
+    c.onpolicy.prompts = ""            # prompts file; "": the prompts of data.dir's train split
+    c.onpolicy.gamma = 4
+    c.onpolicy.trailing_masks = 4
+    c.onpolicy.denoising_steps = 1
+    c.onpolicy.greedy = False          # False: the teacher and the drafter sample at temperature
+    c.onpolicy.temperature = 1.0
+    c.onpolicy.max_new_tokens = 32
+    c.onpolicy.seed = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1: every device not used by fsdp/tensor
@@ -217,7 +242,8 @@ def load_config(spec: str, overrides: list[str] = (), *,
 def _choice_fields() -> dict[str, tuple]:
     fields = {f"model.{k}": v for k, v in run_setting_choices().items()}
     fields.update({"model.scan_layers": (True, False), "data.pack": (True, False),
-                   "train.async_checkpointing": (True, False)})
+                   "train.async_checkpointing": (True, False),
+                   "onpolicy.greedy": (True, False)})
     return fields
 
 
@@ -244,6 +270,15 @@ _RANGES = {
     "train.eval_batches": (lambda v: v >= 1, ">= 1"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "onpolicy.rounds": (lambda v: v >= 0, ">= 0"),
+    "onpolicy.steps_per_round": (lambda v: v >= 1, ">= 1"),
+    "onpolicy.prompts_per_round": (lambda v: v >= 1, ">= 1"),
+    "onpolicy.weight": (lambda v: 0 < v < 1, "in (0, 1): the on-policy share of the mix"),
+    "onpolicy.gamma": (lambda v: v >= 1, ">= 1"),
+    "onpolicy.trailing_masks": (lambda v: v >= 0, ">= 0"),
+    "onpolicy.denoising_steps": (lambda v: v >= 1, ">= 1"),
+    "onpolicy.temperature": (lambda v: v > 0, "> 0"),
+    "onpolicy.max_new_tokens": (lambda v: v >= 2, ">= 2"),
     "eval.gammas": (lambda v: len(v) > 0 and all(isinstance(g, int) and g > 0 for g in v),
                     "a tuple of positive ints, e.g. (4, 8)"),
 }
@@ -285,6 +320,7 @@ def _path_problems(config: ml_collections.ConfigDict, for_training: bool) -> lis
             problems.append(f"model.init={init!r} is {checkpoints.describe_kind(kind)}; it must "
                             f"be a params checkpoint (`llada-jax import-hf --out DIR`) or "
                             f"\"random\"")
+    problems += _mix_problems(config)
     if for_training and not data_dir:
         problems.append("data.dir is empty: pass --config.data.dir=DATA_DIR (a `llada-jax "
                         "preprocess` output)")
@@ -292,6 +328,49 @@ def _path_problems(config: ml_collections.ConfigDict, for_training: bool) -> lis
         problems.append("model.init is empty: pass --config.model.init=CKPT (a params checkpoint "
                         "from `llada-jax import-hf`), or \"random\"")
     return problems
+
+
+# Metadata every dataset of a mix must share with data.dir: the same tokens and targets.
+_MIX_SAME = ("student_tokenizer", "teacher_tokenizer", "record_format")
+
+
+def _mix_problems(config: ml_collections.ConfigDict) -> list[str]:
+    mix = config.data.mix
+    if not mix:
+        return []
+    if not all(isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[0], str)
+               and isinstance(e[1], (int, float)) for e in mix):
+        return [f"data.mix={mix!r} must be ((dataset dir, weight), ...) pairs"]
+    problems = [f"data.mix weight {w!r} of {d} must be a finite number > 0"
+                for d, w in mix if not 0 < w < math.inf]
+    problems += [f"data.mix dataset {d!r} is not a `llada-jax preprocess` output (no "
+                 f"dataset_info.json under it)" for d, _ in mix
+                 if not os.path.isfile(os.path.join(records.dataset_dir(d), "dataset_info.json"))]
+    if config.train.num_steps <= 0:
+        problems.append("data.mix repeats its datasets forever, so epochs mean nothing: set "
+                        "train.num_steps > 0")
+    if problems or not config.data.dir or not os.path.isfile(
+            os.path.join(records.dataset_dir(config.data.dir), "dataset_info.json")):
+        return problems
+    want = data_loader.read_metadata(config.data.dir).options
+    for path, _ in mix:
+        have = data_loader.read_metadata(path).options
+        problems += [f"data.mix dataset {path} has {key}={have.get(key)!r} but data.dir="
+                     f"{config.data.dir} has {want.get(key)!r}: mix only datasets of the same "
+                     f"tokenizers and record format" for key in _MIX_SAME
+                     if _fingerprint(have.get(key)) != _fingerprint(want.get(key))]
+    return problems
+
+
+def _fingerprint(value):
+    """A tokenizer path's tokenizer.json bytes (one tokenizer saved in two places is the same
+    tokenizer); any other value as it is."""
+    if isinstance(value, str):
+        path = pathlib.Path(value)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if path.is_file():
+            return path.read_bytes()
+    return value
 
 
 def _mesh_problems(config: ml_collections.ConfigDict, num_devices: int | None,

@@ -126,7 +126,8 @@ class Trainer:
         return data_loader.HostShards([data_loader.make_loader(
             d.dir, split, batch_size=d.global_batch_size, seq_len=d.seq_len, seed=d.seed,
             shuffle=shuffle, num_epochs=num_epochs, pack=d.pack, shard_index=i,
-            shard_count=self.num_data_shards) for i in self.shards])
+            shard_count=self.num_data_shards, mix=tuple(d.mix) if split == "train" else ())
+            for i in self.shards])
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -144,8 +145,11 @@ class Trainer:
             teacher_tokenizer=self.meta.options["teacher_tokenizer"])
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self) -> dict | None:
+    def fit(self, stop_at: int | None = None) -> dict | None:
+        """Trains to train.num_steps, or only to step `stop_at` (on-policy rounds train a
+        stretch at a time on one learning-rate schedule), and checkpoints there."""
         cfg = self.config
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         logger = MetricsLogger(self.workdir)
         if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
             checkpoints.write_model_config(self.workdir, self.model_cfg)
@@ -171,7 +175,7 @@ class Trainer:
         step = start
         try:
             with jax.set_mesh(self.mesh), sharding.rules_context(self.rules):
-                while step < self.total_steps:
+                while step < end:
                     batch = next(data_iter, None)
                     if batch is None:
                         break

@@ -166,6 +166,18 @@ def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, 
                           f"{CONFIG_NAME} + *.safetensors)")
 
 
+def peek_config(path: str | pathlib.Path) -> ModelConfig | None:
+    """The ModelConfig of any checkpoint `load_model` reads, without reading its params (None
+    for a path that is no checkpoint: load_model says why)."""
+    path = pathlib.Path(path)
+    kind = checkpoint_kind(path)
+    if kind in ("params", "workdir", "hf"):
+        return ModelConfig.from_hf_config(json.loads((path / CONFIG_NAME).read_text()))
+    if kind == "step":
+        return load_config(path.parent.parent)
+    return None
+
+
 class TrainCheckpointer:
     """The train workdir's orbax CheckpointManager: state, data-iterator state and config.
 

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from llada_jax import platforms
 from llada_jax.errors import UserError
 
 # name -> (module, one-line help)
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers serves tokenizers and configs here, without torch (not a dependency): its
     # "PyTorch was not found" advice at import is noise to a user of this CLI.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    platforms.choose()  # before any subcommand module starts JAX: no libtpu probe without a TPU
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args._module, "ACCEPTS_EXTRA", False):
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # input to fix, not a bug: the message, no traceback
         print(f"llada-jax {args.command}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (train saves on the first): no traceback
+        print(f"\nllada-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

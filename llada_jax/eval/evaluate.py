@@ -84,6 +84,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speculate.add_eval_arguments(parser)
 
 
+def check_data_fits(ckpt: str, data_dir: str, meta: data_loader.DatasetMeta) -> None:
+    """A dataset made for another tokenizer than the checkpoint's scores nonsense (ids past the
+    model's vocabulary give NaN): refused, as train refuses it."""
+    from llada_jax.checkpoints import peek_config
+    from llada_jax.tokenizer_checks import vocab_problem
+
+    cfg = peek_config(ckpt)
+    if cfg is None:
+        return
+    problem = vocab_problem(f"--data {data_dir} (made for the student tokenizer "
+                            f"{meta.options.get('student_tokenizer')})", meta.student_vocab_size,
+                            cfg, f"--ckpt {ckpt}")
+    if problem:
+        raise DataError(problem)
+
+
 def run(args: argparse.Namespace) -> int:
     small = [f"--{name.replace('_', '-')} must be at least 1 (got {value})"
              for name, value in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
@@ -92,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if small:
         raise UserError("; ".join(small))
     meta = data_loader.read_metadata(args.data)  # the cheap checks first
+    check_data_fits(args.ckpt, args.data, meta)
     _, model = load_model(args.ckpt)
     seq_len = args.seq_len or meta.max_length
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,

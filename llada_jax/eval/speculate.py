@@ -203,6 +203,19 @@ def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_le
                                  f"{max_length}: shorten it")
 
 
+def _check_vocabularies(bridge: VocabBridge, student_cfg, teacher_cfg, drafter_tok: str,
+                        teacher_tok: str) -> None:
+    """Each tokenizer must be its model's (swapped ones run to garbage without this)."""
+    from llada_jax.tokenizer_checks import vocab_problem
+
+    problems = [vocab_problem(f"the drafter tokenizer {drafter_tok}", len(bridge.student),
+                              student_cfg, "the drafter"),
+                vocab_problem(f"the teacher tokenizer {teacher_tok}", len(bridge.teacher_hf),
+                              teacher_cfg, "the teacher")]
+    if any(problems):
+        raise SpeculateError("; ".join(p for p in problems if p))
+
+
 def _generation_eos(model_dir: str | None):
     """generation_config.json's eos_token_id (what transformers' generate stops at), if any."""
     path = pathlib.Path(model_dir or "") / "generation_config.json"
@@ -232,6 +245,8 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
                          strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
+    _check_vocabularies(bridge, student.cfg, teacher.cfg, drafter_tokenizer or drafter_path,
+                        teacher_tokenizer or teacher_path)
     if draft_temperature is None:
         draft_temperature = 0.0 if decoding.greedy else decoding.temperature
     drafter = Drafter(student, bridge.allowed, gamma=gamma, steps=steps,

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -274,12 +275,18 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
 
     Tensors keep the params' dtype unless `dtype` is given. From `source_hf_dir` every file that is
     not weights or config.json is copied (tokenizer files, remote code *.py, generation config);
-    without one, the project's own remote code (`hf_remote/`) is. Either way
-    `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result.
+    the project's own remote code (`hf_remote/`) fills in any module config.json's auto_map
+    names that the source lacks (or all of them, without a source). Either way
+    `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result. Files get
+    the permissions the umask gives new files (0644 under umask 022), safetensors included.
     """
     out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"--out {out_dir} is a file; choose a new output directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} exists and is not empty; choose a new output directory")
+    if source_hf_dir is not None and not pathlib.Path(source_hf_dir).is_dir():
+        raise ConversionError(f"--source-hf-dir {source_hf_dir} is not a directory")  # before writing
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     out_dtype = DTYPES[dtype or cfg.param_dtype]
@@ -300,10 +307,29 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
     _write_config(cfg, out_dir, dtype or cfg.param_dtype)
     if source_hf_dir is not None:
         _copy_support_files(pathlib.Path(source_hf_dir), out_dir)
-    else:  # the project's own remote code, which config.json's auto_map names
-        for code in sorted(HF_REMOTE_CODE.glob("*.py")):
-            shutil.copy2(code, out_dir / code.name)
+    for module in remote_code_missing(out_dir):  # what auto_map names, from the project's own
+        shutil.copy2(HF_REMOTE_CODE / module, out_dir / module)
+    _default_permissions(out_dir)
     return names
+
+
+def remote_code_missing(out_dir: pathlib.Path) -> list[str]:
+    """The remote-code files config.json's auto_map names that `out_dir` lacks and hf_remote/
+    has (config.json auto_map values look like "modeling_llada.LLaDAModelLM")."""
+    auto_map = json.loads((out_dir / "config.json").read_text()).get("auto_map") or {}
+    modules = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py"
+               for ref in auto_map.values() if isinstance(ref, str)}
+    return sorted(m for m in modules if not (out_dir / m).is_file()
+                  and (HF_REMOTE_CODE / m).is_file())
+
+
+def _default_permissions(out_dir: pathlib.Path) -> None:
+    """0666 minus the umask for every file (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _plan_shards(layout: dict[str, Entry], itemsize: int, max_bytes: int) -> list[list[str]]:

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -45,7 +46,8 @@ from llada_jax.errors import GenerateError, UserError
 from llada_jax.model import params
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import hosts
-from llada_jax.teacher.prompts import prompt_ids, read_prompts
+from llada_jax.teacher.prompts import nonempty, prompt_ids, read_prompts
+from llada_jax.tokenizer_checks import vocab_problem
 from llada_jax.teacher.decode import CachedLM
 
 TOP_K = 5
@@ -209,9 +211,8 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
                             "is false); generate-teacher needs a causal LM")
-    if len(tokenizer) > cfg.vocab_size:
-        raise GenerateError(f"the tokenizer has {len(tokenizer)} ids but the teacher's vocab_size "
-                            f"is {cfg.vocab_size}: is --tokenizer the teacher's tokenizer?")
+    if problem := vocab_problem("--tokenizer", len(tokenizer), cfg, "the teacher"):
+        raise GenerateError(problem)
     model_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
     stop_ids = {i for i in (tokenizer.eos_token_id, *model_eos) if i is not None}
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
@@ -245,25 +246,38 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
         yield [(text, row) for (text, _), row in zip(batch, rows)]
 
 
-def _checked_out_path(out_path: str | pathlib.Path) -> pathlib.Path:
+def _checked_out_path(out_path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
     out_path = pathlib.Path(out_path)
     if out_path.suffix not in (".json", ".jsonl"):
         raise GenerateError(f"--out {out_path}: the name must end in .json or .jsonl")
+    if out_path.is_dir():
+        raise GenerateError(f"--out {out_path} is a folder; name the output file")
+    if out_path.exists() and not overwrite:
+        raise GenerateError(f"--out {out_path} already exists; pass --overwrite to replace it, "
+                            f"or choose another name")
     return out_path
 
 
 def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
-    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count."""
+    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count.
+    They go to a temporary file next to it, renamed over `out_path` once complete: a killed
+    or failed run never leaves a partial file that looks like a finished one."""
     out_path = _checked_out_path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out_path.suffix == ".jsonl"
     count = 0
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write("" if jsonl else "[\n")
-        for record in records:
-            f.write(("" if jsonl or not count else ",\n") + json.dumps(record) + ("\n" if jsonl else ""))
-            count += 1
-        f.write("" if jsonl else "\n]\n")
+    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write("" if jsonl else "[\n")
+            for record in records:
+                f.write(("" if jsonl or not count else ",\n") + json.dumps(record)
+                        + ("\n" if jsonl else ""))
+                count += 1
+            f.write("" if jsonl else "\n]\n")
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return count
 
 
@@ -277,6 +291,9 @@ def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path 
     to the HF directory's own.
     """
     teacher = pathlib.Path(teacher)
+    if not teacher.exists():
+        raise GenerateError(f"--teacher {teacher} does not exist; pass a causal params "
+                            f"checkpoint (import-hf) or an HF LLaMA directory")
     tokenizer_dir = tokenizer_dir or teacher
     hf_dir = not (teacher / PARAMS_DIR).is_dir() and (teacher / "config.json").is_file()
     if tokenizer_dir == teacher and not hf_dir:
@@ -298,17 +315,19 @@ def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path 
 def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path | None,
                      prompts: Sequence[str | pathlib.Path], out: str | pathlib.Path,
                      sampling: Sampling = Sampling(), *, dtype: str = "float32",
-                     mesh: jax.sharding.Mesh | None = None, **options) -> int:
+                     mesh: jax.sharding.Mesh | None = None, overwrite: bool = False,
+                     **options) -> int:
     """The subcommand as a function (the demo calls it); `options` go to generate_records.
-    Several processes: each generates its share and process 0 writes `out` (others return 0)."""
-    _checked_out_path(out)
+    Several processes: each generates its share and process 0 writes `out` (others return 0).
+    An existing `out` is refused unless `overwrite`."""
+    _checked_out_path(out, overwrite)
+    texts = nonempty(read_prompts(prompts), prompts)  # checked before the teacher loads
     model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
     if jax.process_count() == 1:
-        return write_records(generate_records(model, tok, read_prompts(prompts), sampling,
-                                              mesh=mesh, **options), out)
+        return write_records(generate_records(model, tok, texts, sampling, mesh=mesh, **options),
+                             out)
     print(hosts.describe_share(model))
-    records = shared_records(model, tok, list(read_prompts(prompts)), sampling, mesh=mesh,
-                             **options)
+    records = shared_records(model, tok, texts, sampling, mesh=mesh, **options)
     if jax.process_index() == 0:
         return write_records(records, out)
     for _ in records:  # the other processes take part in every round
@@ -355,7 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="--records: max student tokens per example")
     parser.add_argument("--validation-fraction", type=float, default=0.05)
-    parser.add_argument("--overwrite", action="store_true", help="--records: rebuild DATA_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file, or rebuild --records DATA_DIR")
     parser.add_argument("--coordinator-address", default=None,
                         help="multi-process runs off TPU: host:port of process 0")
     parser.add_argument("--num-processes", type=int, default=None)
@@ -394,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
         return to_records.run(args, sampling, mesh)
     count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
                              dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
-                             full_logits=args.full_logits, chat_template=args.chat_template)
+                             full_logits=args.full_logits, chat_template=args.chat_template,
+                             overwrite=args.overwrite)
     if jax.process_index() == 0:
         print(f"generate-teacher: wrote {count} records to {args.out}")
     return 0

@@ -20,6 +20,8 @@ process (shared storage such as GCS on a pod) to decide whether a finished datas
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -59,7 +61,8 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
                           overwrite: bool = False, **options) -> dict | None:
     """Generates for `prompts` (all of them: each process takes its share) and writes the
     dataset under `out`; the report dict on process 0, None on the others. `options`:
-    generate_batches's (chat_template, mesh)."""
+    generate_batches's (chat_template, mesh). A finished dataset in `out` is reused only if it
+    was made from the same prompts, teacher and decoding settings (`sources`)."""
     converter = preprocess._checked_converter(opts)
     count, rank = jax.process_count(), jax.process_index()
     prompts = list(prompts)
@@ -77,16 +80,31 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
             yield from sorted(hosts.gather(local), key=lambda r: r.index)
 
     if rank == 0:
-        return preprocess.write_dataset(results, out, opts, converter, inputs=[SOURCE],
-                                        input_bytes=0, overwrite=overwrite)
+        return preprocess.write_dataset(
+                results, out, opts, converter, inputs=[SOURCE], input_bytes=0,
+                overwrite=overwrite, sources=sources(model, prompts, sampling, options))
     for _ in results():
         pass
     return None
 
 
+def sources(model: LLaDAModel, prompts: list[str], sampling: gen.Sampling, options: dict
+            ) -> dict:
+    """What the generated records depend on besides the converter's options: the prompts (a
+    hash), the teacher (its config) and the decoding settings."""
+    digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
+    teacher = hashlib.sha256(json.dumps(model.cfg.to_hf_config(), sort_keys=True).encode()
+                             ).hexdigest()[:16]
+    return {"generate_teacher": {"prompts": len(prompts), "prompts_sha256": digest,
+                                 "teacher_config_sha256": teacher,
+                                 "sampling": dataclasses.asdict(sampling),
+                                 "chat_template": bool(options.get("chat_template"))}}
+
+
 def run(args, sampling: gen.Sampling, mesh) -> int:
     """generate-teacher --records (the parsed CLI arguments of generate.add_arguments;
     generate.run has started the processes and made the mesh)."""
+    prompts = gen.nonempty(gen.read_prompts(args.prompts), args.prompts)  # before the teacher
     model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
     if jax.process_count() > 1:
         print(hosts.describe_share(model))
@@ -96,13 +114,16 @@ def run(args, sampling: gen.Sampling, mesh) -> int:
                    record_format=args.record_format)
     try:
         report = write_teacher_dataset(
-                model, tokenizer, list(gen.read_prompts(args.prompts)), args.records, opts, sampling,
+                model, tokenizer, prompts, args.records, opts, sampling,
                 batch_size=args.batch_size, overwrite=args.overwrite,
                 chat_template=args.chat_template, mesh=mesh)
     except ValueError as e:  # the data pipeline's own errors (tokenizers, options, reuse)
         print(f"generate-teacher: {e}", file=sys.stderr)
         return 2
-    if report is not None:
-        print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
-                                                 "bytes_per_response_token") if k in report}, indent=2))
-    return 0
+    if report is None:
+        return 0
+    print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
+                                             "bytes_per_response_token") if k in report}, indent=2))
+    print(preprocess.human_summary(report, preprocess.report_dir(args.records, report)),
+          file=sys.stderr)
+    return 0 if report["written"] else 1

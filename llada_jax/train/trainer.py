@@ -2,17 +2,20 @@
 
     llada-jax train --config tiny --workdir runs/tiny --config.data.dir=DATA
 
-Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM (or at the JAX
-preemption sync point on TPU) saves a checkpoint and exits 0.
+Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM or Ctrl-C
+(SIGINT), or at the JAX preemption sync point on TPU, saves a checkpoint and exits 0. One run per
+workdir: a second one is refused while the first holds WORKDIR/.lock (workdir_lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -28,10 +31,12 @@ from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
 from llada_jax.train import loss as loss_lib
 from llada_jax.train import optim
+from llada_jax.train import run_checks
 from llada_jax.train import train_step
 from llada_jax.model.config import ModelConfig
 from llada_jax.errors import ConfigError
 from llada_jax.train.metrics_writer import MetricsLogger
+from llada_jax.workdir_lock import WorkdirLock
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
@@ -51,8 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = train_config.load_config(args.config, args.extra)  # validated before anything runs
     maybe_initialize_distributed(args)
-    Trainer(config, args.workdir, progress=not args.no_progress).fit()
+    with workdir_lock(args.workdir):  # before the trainer reads or compiles anything
+        Trainer(config, args.workdir, progress=not args.no_progress).fit()
     return 0
+
+
+def workdir_lock(workdir) -> contextlib.AbstractContextManager:
+    """The workdir's lock, taken by process 0 (the one that writes config and metrics)."""
+    return WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
 
 
 def maybe_initialize_distributed(args: argparse.Namespace) -> None:
@@ -70,7 +81,8 @@ def _on_multihost_tpu() -> bool:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the step loop checks (save, then exit 0).
+    """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the step loop checks (save, then
+    exit 0); a second Ctrl-C interrupts at once (KeyboardInterrupt: no checkpoint).
 
     Single process only: with several processes, hosts would see the signal at different steps,
     so there JAX's preemption service (which owns SIGTERM) names one sync step for all hosts,
@@ -78,13 +90,24 @@ class _Preemption:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # the signal's name once one arrived
+        self.previous = {}
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nllada-jax train: Ctrl-C: saving a checkpoint after this step (Ctrl-C again "
+                  "to quit without one)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def estimate_total_steps(config: ml_collections.ConfigDict, num_train_tokens: float) -> int:
@@ -127,6 +150,9 @@ class Trainer:
             config.data.global_batch_size, config.data.num_shards)
         mask_id, eos_id = self.meta.mask_and_eos_ids(config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
+        run_checks.check_resume_shape(self.workdir, self.model_cfg, config.model.init)
+        if config.model.init == "random":
+            run_checks.check_fits(self.model_cfg, jax.devices(), what="model.init=random")
         train_tokens = self.meta.num_tokens["train"]
         if train_tokens == 0:
             raise ConfigError(f"{config.data.dir}: split 'train' is empty; nothing to train on")
@@ -171,13 +197,18 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict | None:
+        with workdir_lock(self.workdir):
+            return self._fit()
+
+    def _fit(self) -> dict | None:
         cfg = self.config
-        logger = MetricsLogger(self.workdir)
+        latest = self.checkpointer.latest_step()
+        # Metrics logged after the checkpoint being resumed are replayed: drop them.
+        logger = MetricsLogger(self.workdir, resume_step=latest or 0)
         if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
             checkpoints.write_model_config(self.workdir, self.model_cfg)
         preemption = _Preemption()
         data_iter = self.make_iterator("train", shuffle=True, num_epochs=cfg.train.num_epochs)
-        latest = self.checkpointer.latest_step()
         if latest is not None:
             state = self.checkpointer.restore(
                 latest, sharding.with_shardings(self.abstract_state, self.state_sharding), data_iter)
@@ -199,6 +230,7 @@ class Trainer:
                 while step < self.total_steps:
                     batch = next(data_iter, None)
                     if batch is None:
+                        _say_data_ran_out(step, self.total_steps, cfg)
                         break
                     state, metrics = self.step_fn(state, self.to_global(batch), rng)
                     step += 1
@@ -214,8 +246,8 @@ class Trainer:
                     if stop or step % cfg.train.checkpoint_every == 0:
                         self.checkpointer.save(step, state, data_iter, cfg.to_dict())
                     if stop:
-                        print(f"llada-jax train: preempted (SIGTERM) at step {step}; "
-                              f"checkpoint saved, exiting")
+                        print(f"llada-jax train: preempted ({preemption.requested or 'TPU preemption notice'}) at "
+                              f"step {step}; checkpoint saved, exiting")
                         return last
                 if pending is not None:
                     last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,
@@ -223,6 +255,7 @@ class Trainer:
                 if self.checkpointer.latest_step() != step:
                     self.checkpointer.save(step, state, data_iter, cfg.to_dict())
         finally:
+            preemption.restore()
             self.checkpointer.close()
             logger.close()
             if bar is not None:
@@ -311,6 +344,18 @@ class _Window:
         logger.write(step, out)
         self.sums, self.steps, self.start_time = {}, 0, time.perf_counter()
         return out
+
+
+def _say_data_ran_out(step: int, total_steps: int, config: ml_collections.ConfigDict) -> None:
+    """Stopping short of the planned steps changes the run (its schedule was planned for
+    `total_steps`): say so, and how to get them all."""
+    if jax.process_index() != 0 or not config.train.num_steps:
+        return  # num_steps 0: the plan is from the data (a slight over-estimate), as asked
+    print(f"llada-jax train: the data ran out at step {step} of the {total_steps} planned "
+          f"(train.num_epochs={config.train.num_epochs} passes over the train split); the "
+          f"learning-rate schedule was planned for {total_steps} steps. Raise "
+          f"--config.train.num_epochs, or set --config.train.num_steps=0 to plan the steps from "
+          f"the data", file=sys.stderr)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

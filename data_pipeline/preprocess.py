@@ -333,7 +333,7 @@ def _convert_all(spans: Iterator[RecordSpan], opts: Options, converter: Converte
     # spawn: no fork of a process holding threads. A worker that dies (or fails to load the
     # tokenizers) raises BrokenProcessPool here instead of hanging the run.
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                             initializer=worker.init, initargs=(converter,)) as pool:
+                             initializer=worker.init, initargs=(converter, os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         in_flight = 0
         for span in spans:

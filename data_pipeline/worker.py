@@ -19,10 +19,12 @@ _CONVERTER: Converter | None = None
 PARENT_POLL_S = 0.5
 
 
-def init(converter: Converter) -> None:
+def init(converter: Converter, parent: int) -> None:
+    """`parent`: the PID of the process that started the pool (passed, not read here: it may
+    have died while this worker was starting)."""
     global _CONVERTER
     _CONVERTER = converter
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:

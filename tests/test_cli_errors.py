@@ -33,11 +33,19 @@ def paths(tmp_path_factory):
     assert cli.main(["export-hf", "--ckpt", str(params), "--out", str(hf)]) == 0
     plain = root / "plain.txt"
     plain.write_text("not a checkpoint\n")
+    binary = root / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    truncated = root / "truncated.json"
+    truncated.write_text('[{"prompt": "a"}, {"prompt": "b')
+    syntax = root / "syntax.py"
+    syntax.write_text("def get_config(:\n    pass\n")
     return {"ROOT": str(root), "DUMP": str(root / "teacher.jsonl"), "DATA": data,
             "STOK": str(root / "tok" / "student"), "TTOK": str(root / "tok" / "teacher"),
             "PARAMS": str(params), "WORK": str(workdir), "STEP": str(workdir / "checkpoints" / "2"),
             "HF": str(hf), "FILE": str(plain), "PROMPTS": str(ASSETS / "prompts_eval.txt"),
-            "TEACHER": str(ASSETS / "teacher"), "TEACHER_TOK": str(ASSETS / "teacher_tokenizer")}
+            "TEACHER": str(ASSETS / "teacher"), "TEACHER_TOK": str(ASSETS / "teacher_tokenizer"),
+            "STUDENT": str(ASSETS / "student"), "STUDENT_TOK": str(ASSETS / "student_tokenizer"),
+            "BIN": str(binary), "TRUNC": str(truncated), "SYNTAX": str(syntax)}
 
 
 def expand(argv, paths, tmp_path):
@@ -117,11 +125,28 @@ CASES = [
                                                        "--max-batches must be at least 1"]),
     # generate-teacher
     ([*GEN[:4], "/nonexistent", *GEN[5:]], ["--tokenizer /nonexistent is not an HF tokenizer"]),
-    (["generate-teacher", "--teacher", "/nonexistent", *GEN[3:]], ["/nonexistent/config.json does not exist"]),
+    (["generate-teacher", "--teacher", "/nonexistent", *GEN[3:]], ["--teacher /nonexistent does not exist"]),
     ([*GEN[:-1], "<TMP>/t.txt"], ["the name must end in .json or .jsonl"]),
     ([*GEN[:6], "/nonexistent.txt", *GEN[7:]], ["prompts file /nonexistent.txt does not exist"]),
     ([*GEN, "--temperature", "-1"], ["--temperature >= 0"]),
     ([*GEN, "--greedy", "--temperature", "0.5"], ["contradict each other"]),
+    # vocabulary mismatch: a tokenizer or dataset that is not the model's
+    ([*GEN[:4], "<STUDENT_TOK>", *GEN[5:]], ["has 1536 ids but the teacher has vocab_size 2048"]),
+    (["eval", "--ckpt", "<STUDENT>", "--data", "<DATA>"], ["but --ckpt <STUDENT> has vocab_size 1536"]),
+    (["speculate", "--drafter", "<STUDENT>", "--teacher", "<TEACHER>", "--drafter-tokenizer",
+      "<TEACHER_TOK>", "--teacher-tokenizer", "<STUDENT_TOK>", "--prompts", "<PROMPTS>"],
+     ["has 2048 ids but the drafter has vocab_size 1536"]),
+    # binary, truncated or wrong-kind inputs
+    ([*GEN[:6], "<BIN>", *GEN[7:]], ["prompts file <BIN> is not UTF-8 text"]),
+    ([*GEN[:6], "<TRUNC>", *GEN[7:]], ["<TRUNC>:1: not valid JSON"]),
+    ([*GEN[:6], "<ROOT>", *GEN[7:]], ["prompts file <ROOT> is a folder"]),
+    (["preprocess", "--input", "<ROOT>", *PRE[3:]], ["--input <ROOT> is a folder"]),
+    (["train", "--config", "<SYNTAX>", "--workdir", "<TMP>/w"], ["config file <SYNTAX>, line 1"]),
+    # an existing output, or one given as the wrong kind
+    ([*GEN[:-1], "<DUMP>"], ["--out <DUMP> already exists; pass --overwrite"]),
+    (["export-hf", "--ckpt", "<PARAMS>", "--out", "<TMP>/e", "--source-hf-dir", "/nonexistent"],
+     ["--source-hf-dir /nonexistent is not a directory"]),
+    (["export-hf", "--ckpt", "<PARAMS>", "--out", "<FILE>"], ["--out <FILE> is a file"]),
     # demo
     (["demo", "--out", "<TMP>/d", "--steps", "0"], ["--steps must be at least 1"]),
     (["demo", "--out", "<TMP>/d", "--mask-mode", "prefx_block"], ["--mask-mode", "invalid choice"]),

@@ -141,6 +141,9 @@ def input_identity(files: list[str]) -> list[dict]:
 def _checked_converter(opts: Options) -> Converter:
     if opts.top_k < 1 or opts.max_length < 1:
         raise DataError("--top-k and --max-length must be positive")
+    if not 0 <= opts.validation_fraction < 1:
+        raise DataError(f"--validation-fraction {opts.validation_fraction} must be in [0, 1): "
+                        f"the share of examples held out for validation")
     if opts.record_format not in records.FORMATS:
         raise DataError(f"record format {opts.record_format}: expected one of {records.FORMATS}")
     return Converter(opts)

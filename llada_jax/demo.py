@@ -60,6 +60,7 @@ RECIPES = {
     "draft_blocks_mixed+kl": _MIXED + ("--config.loss.kind=kl",),
     "draft_blocks_mixed+lk+streak": _MIXED + _STREAK + ("--config.loss.kind=lk",),
 }
+SEEDS = 3  # --compare-strategies: seeds of the top rows
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
 QUICK = (64, 12, 30)
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{CONFIRM_PROMPTS}")
     parser.add_argument("--rows", default=",".join(RECIPES),
                         help=f"--compare-strategies: comma-separated recipes ({', '.join(RECIPES)})")
-    parser.add_argument("--seeds", type=int, default=3,
+    parser.add_argument("--seeds", type=int, default=SEEDS,
                         help="--compare-strategies: seeds for the top rows (seed 0 for the rest)")
     parser.add_argument("--top", type=int, default=2,
                         help="--compare-strategies: how many of the best rows get all the seeds "
@@ -134,8 +135,19 @@ def check_arguments(args: argparse.Namespace) -> None:
              if getattr(args, name) is not None and getattr(args, name) < 1]
     if pathlib.Path(args.out).is_file():
         small.append(f"--out {args.out} is a file; pass a directory")
+    if args.seeds < 1 or args.top < 0:
+        small.append(f"need --seeds >= 1 and --top >= 0 (got {args.seeds}, {args.top})")
+    if not args.compare_strategies and (args.rows != ",".join(RECIPES) or args.seeds != SEEDS):
+        small.append("--rows and --seeds choose the runs of --compare-strategies; add that flag")
+    unknown = [n for n in _row_names(args.rows) if n not in RECIPES]
+    if unknown:  # before minutes of teacher and training work
+        small.append(f"unknown --rows {unknown}: choose from {', '.join(RECIPES)}")
     if small:
         raise UserError("; ".join(small))
+
+
+def _row_names(rows: str) -> list[str]:
+    return [n.strip() for n in rows.split(",") if n.strip()]
 
 
 def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None,
@@ -200,11 +212,7 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
     {recipe: [after metrics per seed]}, same data and steps for all."""
     from llada_jax.train import config as train_config
 
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        raise UserError(f"unknown --rows {unknown}: choose from "
-                         f"{', '.join(RECIPES)}")
+    names = _row_names(args.rows)  # checked by check_arguments
 
     def train(name, seed):
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(

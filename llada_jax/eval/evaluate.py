@@ -120,7 +120,13 @@ def run(args: argparse.Namespace) -> int:
         eval_config.chunk_size = args.chunk_size
     results = evaluate_model(model, batches, eval_config, max_batches=args.max_batches)
     if not results:
-        raise DataError(f"split {args.split!r} of {args.data} has no examples")
+        raise DataError(f"split {args.split!r} of {args.data} has no examples; pick another "
+                        f"--split ({', '.join(sorted(meta.num_examples))}), or rebuild the "
+                        f"dataset with a larger --validation-fraction")
+    if not results["scored_positions"]:
+        raise DataError(f"--seq-len {seq_len} leaves no response position to score in split "
+                        f"{args.split!r} (the prompts fill the rows); raise --seq-len (the "
+                        f"dataset's examples are up to {meta.max_length} tokens)")
     if args.teacher:
         speculate.measured_for_eval(args, model, results)
     text = json.dumps(results, indent=2)

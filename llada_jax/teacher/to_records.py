@@ -126,4 +126,9 @@ def run(args, sampling: gen.Sampling, mesh) -> int:
                                              "bytes_per_response_token") if k in report}, indent=2))
     print(preprocess.human_summary(report, preprocess.report_dir(args.records, report)),
           file=sys.stderr)
+    if args.validation_fraction and report["written"] and \
+            not report["written_per_split"].get("validation"):
+        print(f"generate-teacher: no example landed in the validation split (--validation-"
+              f"fraction {args.validation_fraction} of {report['written']}); give more prompts "
+              f"or a larger fraction for a held-out eval", file=sys.stderr)
     return 0 if report["written"] else 1

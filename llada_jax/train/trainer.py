@@ -216,6 +216,7 @@ class Trainer:
         else:
             state = self.initial_state()
         start = int(jax.device_get(state.step))
+        _say_if_no_eval(self.meta, cfg)
         if start == 0 and cfg.train.eval_every > 0:
             with jax.set_mesh(self.mesh), sharding.rules_context(self.rules):
                 self.log_eval(state, 0, logger)  # the "before" of every run
@@ -356,6 +357,14 @@ def _say_data_ran_out(step: int, total_steps: int, config: ml_collections.Config
           f"learning-rate schedule was planned for {total_steps} steps. Raise "
           f"--config.train.num_epochs, or set --config.train.num_steps=0 to plan the steps from "
           f"the data", file=sys.stderr)
+
+
+def _say_if_no_eval(meta: data_loader.DatasetMeta, config: ml_collections.ConfigDict) -> None:
+    split = config.data.eval_split
+    if config.train.eval_every and not meta.num_examples.get(split) and jax.process_index() == 0:
+        print(f"llada-jax train: split {split!r} of {config.data.dir} is empty, so no held-out "
+              f"eval runs; rebuild the data with --validation-fraction > 0 (and enough "
+              f"examples), or set --config.train.eval_every=0", file=sys.stderr)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

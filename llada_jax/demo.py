@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 
+from llada_jax import reports
 from llada_jax.errors import UserError
 
 ASSETS = pathlib.Path(__file__).parent / "demo_assets"
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     results = {config.loss.mask_mode: align_student(config, workdir)}
     (mode, result), = results.items()
     export_dir = export(workdir, out / "exported")
-    plot_curves(workdir / "metrics.jsonl", out / "curves.png")
+    reports.plot_curves(workdir / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(before_after_table(result))
     print(f"\nmask mode {mode}; curves: {out / 'curves.png'}; total "
@@ -360,28 +361,3 @@ def recipe_table(rows: dict) -> str:
         lines.append(line + f" | {cell(runs, 'kl')} | {cell(runs, 'alpha_lower')} | "
                      f"{cell(runs, 'alpha_upper')} | {cell(runs, 'E_lower')}")
     return "\n".join(lines)
-
-
-def plot_curves(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
-    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train KL")
-    ax_loss.plot([r["step"] for r in evals], [r["kl"] for r in evals], "o-", label="held-out KL")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_title("loss")
-    ax_loss.legend()
-    for key in ("alpha_lower", "alpha_upper"):
-        ax_alpha.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
-    ax_alpha.set_xlabel("step")
-    ax_alpha.set_title("held-out acceptance α (γ = 4)")
-    ax_alpha.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -1,5 +1,6 @@
 """Does a tokenizer belong to a model? Its size must fit the model's vocabulary, which may pad
-the tokenizer's ids by a few percent but never holds fewer."""
+the tokenizer's ids by a few percent but never holds fewer. And is a model the right kind for its
+role (a LLaDA student, a causal teacher)?"""
 
 from __future__ import annotations
 
@@ -17,4 +18,13 @@ def vocab_problem(flag: str, tokenizer_size: int, cfg: ModelConfig, model: str) 
     if tokenizer_size > cfg.vocab_size or tokenizer_size < (1 - MAX_PADDING) * cfg.vocab_size:
         return (f"{flag} has {tokenizer_size} ids but {model} has vocab_size {cfg.vocab_size}: "
                 f"they do not belong together (swapped tokenizers?); pass {model}'s own tokenizer")
+    return None
+
+
+def student_kind_problem(what: str, cfg: ModelConfig) -> str | None:
+    """A causal LM given where the LLaDA student (or drafter) belongs: it would run, unmasked,
+    and give meaningless drafts."""
+    if cfg.causal or cfg.model_type == "llama":
+        return (f"{what} is a causal LLaMA model; the student must be a LLaDA (masked-diffusion) "
+                f"checkpoint")
     return None

@@ -144,6 +144,11 @@ CASES = [
     (["speculate", "--drafter", "<STUDENT>", "--teacher", "<TEACHER>", "--drafter-tokenizer",
       "<TEACHER_TOK>", "--teacher-tokenizer", "<STUDENT_TOK>", "--prompts", "<PROMPTS>"],
      ["has 2048 ids but the drafter has vocab_size 1536"]),
+    # a causal LLaMA where the LLaDA student belongs
+    ([*TRAIN, "--config.model.init=<TEACHER>"], ["model.init=<TEACHER> is a causal LLaMA model; the student must be a LLaDA"]),
+    (["eval", "--ckpt", "<TEACHER>", "--data", "<DATA>"], ["--ckpt <TEACHER> is a causal LLaMA model"]),
+    (["speculate", "--drafter", "<TEACHER>", "--teacher", "<TEACHER>", "--prompts", "<PROMPTS>"],
+     ["--drafter <TEACHER> is a causal LLaMA model"]),
     # binary, truncated or wrong-kind inputs
     ([*GEN[:6], "<BIN>", *GEN[7:]], ["prompts file <BIN> is not UTF-8 text"]),
     ([*GEN[:6], "<TRUNC>", *GEN[7:]], ["<TRUNC>:1: not valid JSON"]),

@@ -438,3 +438,40 @@ def test_no_libtpu_noise_on_a_host_without_a_tpu(tmp_path):
     assert result.returncode == 2 and "does not divide the 1 devices" in result.stderr
     for noise in ("TPU_WORKER_HOSTNAMES", "host bounds", "libtpu"):
         assert noise not in result.stderr, result.stderr
+
+
+# -- what people read: tables, the train summary, curves ------------------------------------------
+
+@pytest.mark.slow
+def test_train_ends_with_a_summary_and_curves_and_eval_with_a_table(data_dir, tmp_path, capsys):
+    code, output = run_cli(tiny_train(data_dir, tmp_path, "--config.train.num_steps=2",
+                                      "--config.train.checkpoint_every=2",
+                                      "--config.train.log_every=1"), capsys)
+    assert code == 0
+    assert "done at step 2" in output and "last train loss:" in output
+    assert f"checkpoint: {tmp_path / 'checkpoints' / '2'}" in output
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    code = cli.main(["eval", "--ckpt", str(tmp_path), "--data", data_dir, "--gamma", "2"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    results = json.loads(captured.out)  # programs still get the JSON
+    header, *rows = captured.err.split("offset |")[1].splitlines()
+    assert "KL" in header and "α lower" in header and len(rows) >= 2
+    first = rows[0].split("|")
+    assert float(first[1]) == pytest.approx(results["by_offset"]["kl"][0], abs=1e-3)
+    assert "gamma=2: KL" in captured.err
+
+
+def test_speculate_table_shows_acceptance_and_the_histogram():
+    from llada_jax import reports
+
+    summary = {"prompts": 2, "teacher_tokens": 12, "target_calls": 5,
+               "tokens_per_target_call": 2.4, "mean_accepted_per_block": 1.4,
+               "acceptance_by_offset": [0.8, 0.5, None], "tokens_per_s": 30.0,
+               "teacher_only_tokens_per_s": 20.0, "speedup": 1.5, "all_equal_teacher_greedy": True,
+               "accepted_length_histogram": reports.accepted_histogram([0, 2, 2, 1, 2])}
+    table = reports.speculate_table(summary)
+    assert "12 tokens in 5 teacher calls = 2.40 tokens per call" in table
+    assert "= 1.50x" in table and "equals the teacher's alone: yes" in table
+    assert "     1 |      0.500" in table and "     2 |          -" in table
+    assert "       2 |      3  " + "#" * 24 in table  # 3 of 5 blocks accepted 2 drafts

@@ -17,13 +17,15 @@ import functools
 import itertools
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
 from data_pipeline import loader as data_loader
-from llada_jax.errors import DataError, UserError
+from llada_jax import reports
+from llada_jax.errors import CheckpointError, DataError, UserError
 from llada_jax.train import config as train_config
 from llada_jax.train import masking
 from llada_jax.eval import metrics, speculate
@@ -88,11 +90,13 @@ def check_data_fits(ckpt: str, data_dir: str, meta: data_loader.DatasetMeta) -> 
     """A dataset made for another tokenizer than the checkpoint's scores nonsense (ids past the
     model's vocabulary give NaN): refused, as train refuses it."""
     from llada_jax.checkpoints import peek_config
-    from llada_jax.tokenizer_checks import vocab_problem
+    from llada_jax.tokenizer_checks import student_kind_problem, vocab_problem
 
     cfg = peek_config(ckpt)
     if cfg is None:
         return
+    if problem := student_kind_problem(f"--ckpt {ckpt}", cfg):
+        raise CheckpointError(problem)
     problem = vocab_problem(f"--data {data_dir} (made for the student tokenizer "
                             f"{meta.options.get('student_tokenizer')})", meta.student_vocab_size,
                             cfg, f"--ckpt {ckpt}")
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("; ".join(small))
     meta = data_loader.read_metadata(args.data)  # the cheap checks first
     check_data_fits(args.ckpt, args.data, meta)
+    print(f"eval: loading {args.ckpt}, then scoring split {args.split!r} "
+          f"({meta.num_examples.get(args.split, 0)} examples)", file=sys.stderr, flush=True)
     _, model = load_model(args.ckpt)
     seq_len = args.seq_len or meta.max_length
     batches = data_loader.make_loader(args.data, args.split, batch_size=args.batch_size,
@@ -118,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     eval_config.update(gammas=tuple(args.gamma), seed=args.seed)
     if args.chunk_size:
         eval_config.chunk_size = args.chunk_size
-    results = evaluate_model(model, batches, eval_config, max_batches=args.max_batches)
+    results = evaluate_model(model, reports.progress(batches, "eval", "batch", args.max_batches),
+                             eval_config, max_batches=args.max_batches)
     if not results:
         raise DataError(f"split {args.split!r} of {args.data} has no examples; pick another "
                         f"--split ({', '.join(sorted(meta.num_examples))}), or rebuild the "
@@ -130,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         speculate.measured_for_eval(args, model, results)
     text = json.dumps(results, indent=2)
-    print(text)
+    print(text)  # for programs; people read the table (stderr, as preprocess's summary)
+    print(reports.eval_table(results), file=sys.stderr)
     if args.out:
         pathlib.Path(args.out).write_text(text + "\n")
     if args.tensorboard:

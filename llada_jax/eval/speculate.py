@@ -25,7 +25,9 @@ import time
 
 import numpy as np
 
+from llada_jax import reports
 from llada_jax.errors import SpeculateError
+from llada_jax.tokenizer_checks import student_kind_problem
 from llada_jax.eval import rejection
 from llada_jax.eval.draft import Drafter
 from llada_jax.eval.verify import VERIFIERS, make_verifier
@@ -99,7 +101,7 @@ def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBri
     teacher_only(verifier, bridge.teacher_prompt(prompts[0]), decoding, stop_ids,
                  np.random.default_rng(seed))
     rows, all_blocks = [], []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(reports.progress(prompts, "speculate", "prompt")):
         t = time.perf_counter()
         spec = speculate_prompt(prompt, drafter, verifier, bridge, decoding, stop_ids,
                                 np.random.default_rng([seed, i]))
@@ -135,7 +137,7 @@ def summarize(rows: list[dict], blocks: list[tuple[int, int]]) -> dict:
     tokens, calls, seconds = total("teacher_tokens"), total("target_calls"), total("seconds")
     alone_tokens, alone_s = total("teacher_tokens", "teacher_only"), total("seconds", "teacher_only")
     stats = block_stats(blocks)
-    del stats["accepted_per_block"]
+    stats["accepted_length_histogram"] = reports.accepted_histogram(stats.pop("accepted_per_block"))
     out = {"prompts": len(rows), "teacher_tokens": tokens, "target_calls": calls,
            "tokens_per_target_call": tokens / calls, **stats,
            "drafter_forward_passes": total("drafter_forward_passes"),
@@ -240,6 +242,8 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
         raise SpeculateError("no prompts to decode")
     teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
     student = load_lm(drafter_path) if drafter_model is None else drafter_model
+    if problem := student_kind_problem(f"--drafter {drafter_path}", student.cfg):
+        raise SpeculateError(problem)
     bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
                          _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
                          strategy, student_vocab_size=student.cfg.vocab_size,
@@ -336,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature or 1.0)
     try:
         prompts = list(read_prompts(args.prompts))[:args.max_prompts]
+        print(f"speculate: loading the teacher and the drafter, then {len(prompts)} prompt(s) "
+              f"(after one untimed warm-up)", file=sys.stderr, flush=True)
         results = speculate(args.drafter, args.teacher, prompts, gamma=args.gamma,
                             steps=args.steps, trailing_masks=args.trailing_masks,
                             strategy=args.strategy, decoding=decoding,
@@ -351,5 +357,6 @@ def run(args: argparse.Namespace) -> int:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.tensorboard:
         write_tensorboard(results, args.tensorboard)
-    print(json.dumps(results["summary"], indent=2))
+    print(json.dumps(results["summary"], indent=2))  # for programs; the table for people
+    print(reports.speculate_table(results["summary"]), file=sys.stderr)
     return 0

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llada_jax import reports
 from llada_jax import sharding
 from llada_jax.checkpoints import PARAMS_DIR, load_params
 from llada_jax.errors import GenerateError, UserError
@@ -324,7 +326,8 @@ def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path 
     texts = nonempty(read_prompts(prompts), prompts)  # checked before the teacher loads
     model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
     if jax.process_count() == 1:
-        return write_records(generate_records(model, tok, texts, sampling, mesh=mesh, **options),
+        records = generate_records(model, tok, texts, sampling, mesh=mesh, **options)
+        return write_records(reports.progress(records, "generate-teacher", "prompt", len(texts)),
                              out)
     print(hosts.describe_share(model))
     records = shared_records(model, tok, texts, sampling, mesh=mesh, **options)
@@ -412,6 +415,9 @@ def run(args: argparse.Namespace) -> int:
     if args.records:
         from llada_jax.teacher import to_records  # it builds on this module
         return to_records.run(args, sampling, mesh)
+    if jax.process_index() == 0:
+        print(f"generate-teacher: loading {args.teacher}, then up to {args.max_new_tokens} "
+              f"tokens per prompt -> {args.out}", file=sys.stderr, flush=True)
     count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
                              dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
                              full_logits=args.full_logits, chat_template=args.chat_template,

@@ -26,6 +26,7 @@ from flax import nnx
 from data_pipeline import loader as data_loader
 from llada_jax import checkpoints
 from llada_jax.checkpoints import TrainCheckpointer
+from llada_jax import reports
 from llada_jax import sharding
 from llada_jax.eval import evaluate
 from llada_jax.train import config as train_config
@@ -36,6 +37,7 @@ from llada_jax.train import train_step
 from llada_jax.model.config import ModelConfig
 from llada_jax.errors import ConfigError
 from llada_jax.train.metrics_writer import MetricsLogger
+from llada_jax.tokenizer_checks import student_kind_problem
 from llada_jax.workdir_lock import WorkdirLock
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
@@ -57,7 +59,14 @@ def run(args: argparse.Namespace) -> int:
     config = train_config.load_config(args.config, args.extra)  # validated before anything runs
     maybe_initialize_distributed(args)
     with workdir_lock(args.workdir):  # before the trainer reads or compiles anything
-        Trainer(config, args.workdir, progress=not args.no_progress).fit()
+        trainer = Trainer(config, args.workdir, progress=not args.no_progress)
+        trainer.fit()
+    if jax.process_index() == 0:
+        workdir = pathlib.Path(args.workdir)
+        reports.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        step = trainer.checkpointer_latest
+        print(reports.train_summary(workdir, step, None if step is None else
+                                    str(workdir / checkpoints.STEPS_DIR / str(step))))
     return 0
 
 
@@ -124,6 +133,9 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
     """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
     m = config.model
     if m.init != "random":
+        stored = checkpoints.load_config(m.init)
+        if problem := student_kind_problem(f"model.init={m.init}", stored):
+            raise ConfigError(problem)
         cfg = checkpoints.load_config(m.init, **train_config.run_settings(config))
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model.init={m.init} has vocab_size {cfg.vocab_size} but the data "
@@ -257,6 +269,7 @@ class Trainer:
                     self.checkpointer.save(step, state, data_iter, cfg.to_dict())
         finally:
             preemption.restore()
+            self.checkpointer_latest = self.checkpointer.latest_step()
             self.checkpointer.close()
             logger.close()
             if bar is not None:

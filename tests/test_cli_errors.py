@@ -180,7 +180,7 @@ CASES = [
     (["demo", "--out", "<TMP>/d", "--compare-strategies", "--seeds", "0"], ["need --seeds >= 1"]),
     (["demo", "--out", "<TMP>/d", "--rows", "original+kl"], ["add that flag"]),
     (["demo", "--out", "<TMP>/d", "--compare-strategies", "--rows", "orignal+kl"], ["unknown --rows ['orignal+kl']"]),
-    ([*EVAL, "--seq-len", "8"], ["--seq-len 8 leaves no response position to score"]),
+    ([*EVAL, "--seq-len", "8"], ["no response position was scored", "with --seq-len 8"]),
     ([*EVAL, "--bogus"], ["usage: llada-jax eval", "unrecognized arguments: --bogus"]),
     # demo
     (["demo", "--out", "<TMP>/d", "--steps", "0"], ["--steps must be at least 1"]),

@@ -131,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
                         f"--split ({', '.join(sorted(meta.num_examples))}), or rebuild the "
                         f"dataset with a larger --validation-fraction")
     if not results["scored_positions"]:
-        raise DataError(f"--seq-len {seq_len} leaves no response position to score in split "
-                        f"{args.split!r} (the prompts fill the rows); raise --seq-len (the "
-                        f"dataset's examples are up to {meta.max_length} tokens)")
+        raise DataError(f"no response position was scored in split {args.split!r} "
+                        f"({meta.num_examples.get(args.split, 0)} examples) with --seq-len "
+                        f"{seq_len}: the prompts fill the rows, or the split is too small; raise "
+                        f"--seq-len (examples are up to {meta.max_length} tokens) or use a "
+                        f"larger split")
     if args.teacher:
         speculate.measured_for_eval(args, model, results)
     text = json.dumps(results, indent=2)

@@ -80,3 +80,14 @@ def check_output(path: str, flag: str, *, kind: str) -> None:
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write in {place} ({e.strerror}); choose "
                           f"another place") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: its files are not litter yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

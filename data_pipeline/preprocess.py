@@ -226,16 +226,6 @@ def _set_aside_report(final: str, out: str) -> None:
         os.replace(os.path.join(final, name), os.path.join(out, name))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_litter(out: str) -> None:
     """What a killed run left in `out`: its skip listing (removed) and, killed during
     --overwrite, the dataset it had set aside (put back if no dataset replaced it, else
@@ -243,7 +233,7 @@ def clean_litter(out: str) -> None:
     final = os.path.join(out, records.NAME, records.VERSION)
     for aside in glob.glob(f"{final}{REPLACED}*"):
         pid = aside.rsplit(REPLACED, 1)[1]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        if not pid.isdigit() or fileio.pid_alive(int(pid)):
             continue
         if os.path.isdir(final):
             shutil.rmtree(aside, ignore_errors=True)
@@ -251,7 +241,7 @@ def clean_litter(out: str) -> None:
             os.rename(aside, final)
     for listing in glob.glob(os.path.join(out, ".skipped-*.jsonl")):
         pid = os.path.basename(listing)[len(".skipped-"):-len(".jsonl")]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not fileio.pid_alive(int(pid)):
             os.remove(listing)
 
 

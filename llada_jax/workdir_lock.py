@@ -21,6 +21,7 @@ import pathlib
 import socket
 import time
 
+from data_pipeline.fileio import pid_alive
 from llada_jax.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -44,16 +45,6 @@ def _describe(text: str) -> str:
         return "another process"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _flock_unsupported_holder(f) -> str | None:
     """Without flock: the recorded holder's text if it may be alive (on another host it cannot
     be checked), else None."""
@@ -64,7 +55,7 @@ def _flock_unsupported_holder(f) -> str | None:
     except ValueError:
         return None
     same_host = info.get("host") == socket.gethostname()
-    if same_host and (info.get("pid") == os.getpid() or not _pid_alive(int(info.get("pid", -1)))):
+    if same_host and (info.get("pid") == os.getpid() or not pid_alive(int(info.get("pid", -1)))):
         return None  # a dead holder on this host: stale
     return text
 

@@ -407,6 +407,15 @@ def test_export_with_a_tokenizer_only_source_has_the_remote_code_and_0644_files(
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert set(modes.values()) == {0o644}, modes
     assert "DESIGN.md" not in (out / "modeling_llada.py").read_text()
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # loads "either way"
+    stored = load_file(out / "model.safetensors")
+    name = "model.transformer.wte.weight"
+    loaded = dict(model.named_parameters())[name].detach().to(torch.float32).numpy()
+    assert (loaded == stored[name].astype("float32")).all()
 
 
 def test_export_without_a_source_says_what_was_copied(tmp_path, capsys):

@@ -5,7 +5,7 @@
     python bench/decode.py plan  [--targets v5p-32 v5e-64 v6e-16] [--context 4096]
 
 `speed` runs the demo teacher (llada_jax/demo_assets/teacher, float32) on this CPU: the cached
-loop of generate-teacher (teacher/decode.py: one prefill, then one cached step per token)
+loop of generate-teacher (decode/cached.py: one prefill, then one cached step per token)
 against the loop generate-teacher ran before the cache (every step a full forward over the
 fixed-length left-padded buffer, the distribution read at the last filled column). Both
 greedy, same prompts, no early stop; each timed after a warm-up run of the same shapes.
@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchlib  # noqa: E402
+from llada_jax.decode.buckets import PROMPT_BUCKET  # noqa: E402
 from llada_jax.teacher import generate as gt  # noqa: E402
 
 ASSETS = ROOT / "llada_jax" / "demo_assets"
@@ -60,7 +61,7 @@ def _recompute_step(graphdef, state, tokens_bl, pad_b, column):
 
 def recompute_generate(model, prompts: list[list[int]], new_tokens: int,
                        steps: int | None = None) -> np.ndarray:
-    width = -(-max(map(len, prompts)) // gt.PROMPT_BUCKET) * gt.PROMPT_BUCKET
+    width = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.zeros((len(prompts), width + new_tokens), np.int32)
     pads = np.array([width - len(p) for p in prompts], np.int32)
     for r, p in enumerate(prompts):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.train import chunked_head, loss
+from llada_jax.distill import chunked_head, loss
 
 GIB = 1024 ** 3
 

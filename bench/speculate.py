@@ -26,21 +26,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchlib import load  # noqa: E402
-from llada_jax.demo import ASSETS  # noqa: E402
-from llada_jax.eval import speculate as sp  # noqa: E402
+from llada_jax.commands.demo import ASSETS  # noqa: E402
+from data_pipeline.loader import prompt_texts  # noqa: E402
+from llada_jax.checkpoints import load_model  # noqa: E402
+from llada_jax.speculate import loop as sp  # noqa: E402
 
 STUDENT_TOK, TEACHER_TOK = str(ASSETS / "student_tokenizer"), str(ASSETS / "teacher_tokenizer")
 
 
 def predicted(drafter, data_dir: str, gammas: list[int]) -> dict[int, float]:
     """eval's E(γ) (lower bound, α over the teacher's top-k) on the validation split."""
-    from data_pipeline import loader
-    from llada_jax.eval.evaluate import evaluate_model
+    from llada_jax.eval.evaluate import evaluate_split
+    from llada_jax.train import config as train_config
 
-    meta = loader.read_metadata(data_dir)
-    batches = loader.make_loader(data_dir, "validation", batch_size=8, seq_len=meta.max_length,
-                                 seed=0, shuffle=False, num_epochs=1, pack=True)
-    results = evaluate_model(drafter, batches, gammas=tuple(gammas))
+    eval_config = train_config.default_config().eval
+    eval_config.gammas = tuple(gammas)
+    results = evaluate_split(drafter, data_dir, "validation", eval_config)
     return {g: results[f"gamma={g}"]["E_lower"] for g in gammas}
 
 
@@ -56,12 +57,13 @@ def main() -> None:
     parser.add_argument("--target-step-ms", type=float, default=None)
     args = parser.parse_args()
 
-    drafter, teacher = sp.load_lm(args.drafter), sp.load_lm(str(ASSETS / "teacher"), "float32")
+    drafter = load_model(args.drafter)[1]
+    teacher = load_model(ASSETS / "teacher", compute_dtype="float32")[1]
     if args.data:
-        prompts = sp.prompts_from_records(args.data, "validation", STUDENT_TOK, args.prompts)
+        prompts = prompt_texts(args.data, "validation", STUDENT_TOK, args.prompts)
         expected = predicted(drafter, args.data, args.gamma)
     else:
-        from llada_jax.teacher.generate import read_prompts
+        from llada_jax.teacher.prompts import read_prompts
 
         prompts = list(read_prompts([ASSETS / "prompts_eval.txt"]))[:args.prompts]
         expected = {}

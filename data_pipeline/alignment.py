@@ -160,6 +160,19 @@ def vocab_map(teacher: Vocab, student: Vocab) -> np.ndarray:
                        for b in teacher.id_bytes], np.int32)
 
 
+def student_to_teacher(teacher: Vocab, student: Vocab, student_vocab_size: int,
+                       teacher_vocab_size: int) -> np.ndarray:
+    """int64 [student_vocab_size]: the teacher id spelled with the same bytes as each student
+    id (the lowest such teacher id), -1 where none is: the token-level intersection (TLI) that
+    `speculate --strategy tli` drafts from and `loss.intersection_vocab` trains on."""
+    out = np.full(student_vocab_size, -1, np.int64)
+    t2s = vocab_map(teacher, student)
+    for t in np.flatnonzero(t2s >= 0)[::-1]:
+        if t2s[t] < student_vocab_size and t < teacher_vocab_size:
+            out[t2s[t]] = t
+    return out
+
+
 def same_vocab(teacher: Vocab, student: Vocab) -> bool:
     return teacher.id_bytes == student.id_bytes
 

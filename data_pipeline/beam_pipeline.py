@@ -35,9 +35,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_pipeline import records
 from data_pipeline.convert import Converter, Options, Result
-from data_pipeline.preprocess import file_order
 from data_pipeline.reader import iter_record_spans
-from data_pipeline.report import Report
+from data_pipeline.report import Report, file_order
 
 class _Convert(beam.DoFn):
     def __init__(self, opts: Options):

@@ -33,6 +33,7 @@ import os
 import grain
 import numpy as np
 
+from data_pipeline import alignment
 from data_pipeline import batch as batch_lib
 from data_pipeline import records
 from data_pipeline.errors import DataError
@@ -133,6 +134,41 @@ def host_shards(batch_size: int, num_shards: int | None = None) -> tuple[int, ra
     return num_shards, range(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
 
 
+class HostShards:
+    """Concatenates the rows of this host's data shards into its part of the global batch.
+
+    The data is split into `data.num_shards` disjoint shards (default: one per process), so a
+    run's global batches do not depend on how many processes read them: 2 processes x 1 shard
+    and 1 process x 2 shards see the same batches. Checkpointable through grain's orbax handler
+    (get_state/set_state as bytes, one file per process).
+    """
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state)
+        if len(states) != len(self.iterators):
+            raise DataError(f"the checkpoint's data iterator has {len(states)} shard(s) on this "
+                              f"process, the run has {len(self.iterators)}: keep data.num_shards "
+                              f"and the process count when resuming")
+        for it, st in zip(self.iterators, states):
+            it.set_state(st)
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 def make_loader(data_dir: str, split: str, *, batch_size: int, seq_len: int,
                 top_k: int | None = None, seed: int = 0, num_epochs: int | None = None,
                 shuffle: bool = True, shard_index: int | None = None,
@@ -213,3 +249,17 @@ def _pad_batch(batch: dict, rows: int) -> dict[str, np.ndarray]:
     """Fills a short last batch with empty rows (segment_ids 0)."""
     return {k: _pad_to(v, rows, batch_lib.PAD[k]) if len(v) < rows else v
             for k, v in batch.items()}
+
+
+def prompt_texts(data_dir: str, split: str, student_tokenizer: str,
+                         limit: int | None = None) -> list[str]:
+    """The prompt texts of a preprocessed split (its records' prompt tokens, decoded): held-out
+    prompts for measuring a drafter on the examples `eval` scores."""
+    vocab = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(student_tokenizer))
+    source = records.open_split(data_dir, split)
+    out = []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        ex = source[i]
+        raw = b"".join(vocab.id_bytes[t] or b"" for t in ex["tokens"][:int(ex["prompt_length"])])
+        out.append(raw.decode("utf-8", errors="replace"))
+    return out

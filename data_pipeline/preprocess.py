@@ -1,4 +1,5 @@
-"""`llada-jax preprocess`: teacher-logit dumps -> aligned top-k TFDS dataset + report.
+"""Teacher-logit dumps -> aligned top-k TFDS dataset + report (`llada-jax preprocess`,
+commands/preprocess.py).
 
     llada-jax preprocess --input dump.json more/*.jsonl --out DATA_DIR \\
         --student-tokenizer LLADA_TOK [--teacher-tokenizer LLAMA_TOK] --max-length 4096 \\
@@ -18,7 +19,6 @@ run that writes no record leaves no dataset: its report goes to DATA_DIR/report.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -33,63 +33,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import tqdm
 
-from data_pipeline import alignment, fileio, placeholders, records, worker
+from data_pipeline import alignment, fileio, records, worker
 from data_pipeline.convert import Converter, Options, Result
 from data_pipeline.errors import DataError
 from data_pipeline.reader import RecordSpan, csv_header, expand_inputs, is_csv, iter_record_spans
-from data_pipeline.report import Report, human_summary
+from data_pipeline.report import Report, file_order
 
 PROGRESS_MIN_BYTES = 64 << 20
 BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True,
-                   help="JSON / JSONL / CSV (prompt, response, logits_data) files or globs")
-    p.add_argument("--out", required=True, help="dataset directory (TFDS data_dir)")
-    p.add_argument("--student-tokenizer", required=True, help="local tokenizer.json or HF dir")
-    p.add_argument("--teacher-tokenizer", help="local teacher tokenizer (needed for full_logits "
-                   "when the tokenizers differ; absent = assumed identical, checked per record)")
-    p.add_argument("--teacher-vocab-size", type=int,
-                   help="length of full_logits when the teacher vocabulary is padded")
-    p.add_argument("--max-length", type=int, required=True, help="max student tokens per example")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--overlength", choices=("skip", "truncate"), default="skip")
-    p.add_argument("--validation-fraction", type=float, default=0.05)
-    p.add_argument("--in-flight-mb", type=int, default=256,
-                   help="raw JSON queued for the workers at once (at least one record)")
-    p.add_argument("--placeholders", metavar="MAP",
-                   help="rewrite the original's prompt markers (<BOS>, <eot_id>, ...) to student "
-                   f"special tokens: a preset ({', '.join(placeholders.PRESETS)}) or a JSON map "
-                   "file {marker: special token}; default: text as is")
-    p.add_argument("--record-format", type=int, choices=records.FORMATS, default=2,
-                   help="2: quantised top-k (codec.py, ~2.x bytes a slot); 1: float32 + int32")
-    p.add_argument("--beam-runner", choices=BEAM_RUNNERS,
-                   help="run the conversion as an Apache Beam pipeline on this runner (the "
-                   "[beam] extra); --workers is then the runner's business")
-    p.add_argument("--beam-options", default="",
-                   help='Beam pipeline options, e.g. "--project P --region R --temp_location '
-                   'gs://B/tmp" or "--direct_num_workers 2 --direct_running_mode '
-                   'multi_processing"')
-    p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = preprocess(
-        checked_inputs(args.input), args.out,
-        Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
-                args.teacher_vocab_size, args.overlength, args.validation_fraction,
-                placeholders.load_map(args.placeholders) if args.placeholders else None,
-                args.record_format),
-        workers=args.workers, in_flight_bytes=args.in_flight_mb << 20,
-        overwrite=args.overwrite, beam_runner=args.beam_runner,
-        beam_options=args.beam_options)
-    summary = {k: report[k] for k in ("read", "written", "skipped", "coverage",
-                                      "bytes_per_response_token") if k in report}
-    print(json.dumps(summary, indent=2))
-    print(human_summary(report, report_dir(args.out, report)), file=sys.stderr)
-    return 0 if report["written"] else 1
 
 
 def report_dir(out: str, report: dict) -> str:
@@ -111,7 +62,7 @@ def preprocess(files: list[str], out: str, opts: Options, *, workers: int = 1,
                beam_runner: str | None = None, beam_options: str = "") -> dict:
     """Builds (or reuses) the dataset under `out`; returns the report dict. With `beam_runner`
     the conversion runs as a Beam pipeline (beam_pipeline.py) instead of local workers."""
-    converter = _checked_converter(opts)  # validates the tokenizers before any worker starts
+    converter = checked_converter(opts)  # validates the tokenizers before any worker starts
     for f in files:
         if is_csv(f):
             csv_header(f)  # a CSV without the needed columns is a user error, before any work
@@ -138,7 +89,7 @@ def input_identity(files: list[str]) -> list[dict]:
     return out
 
 
-def _checked_converter(opts: Options) -> Converter:
+def checked_converter(opts: Options) -> Converter:
     if opts.top_k < 1 or opts.max_length < 1:
         raise DataError("--top-k and --max-length must be positive")
     if not 0 <= opts.validation_fraction < 1:
@@ -243,11 +194,6 @@ def clean_litter(out: str) -> None:
         pid = os.path.basename(listing)[len(".skipped-"):-len(".jsonl")]
         if pid.isdigit() and not fileio.pid_alive(int(pid)):
             os.remove(listing)
-
-
-def file_order(files: list[str]) -> dict[str, int]:
-    """Input file -> its position: with the record index, the input order of a skip."""
-    return {f: i for i, f in enumerate(files)}
 
 
 def _beam_pipeline():

@@ -24,6 +24,11 @@ from data_pipeline.convert import Result
 from data_pipeline.validate import FIXES, REASONS
 
 
+def file_order(files: list[str]) -> dict[str, int]:
+    """Input file -> its position: with the record index, the input order of a skip."""
+    return {f: i for i, f in enumerate(files)}
+
+
 class Report:
     """The counts of a run, and its skip listing written to `skipped_path` as records come.
 

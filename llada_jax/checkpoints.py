@@ -120,9 +120,9 @@ def load_params(path: str | pathlib.Path, mesh: jax.sharding.Mesh | None = None,
     return cfg, nnx.merge(graphdef, target)
 
 
-def _load_step(step_dir: pathlib.Path, mesh, rules) -> tuple[ModelConfig, LLaDAModel]:
+def _load_step(step_dir: pathlib.Path, mesh, rules, **overrides) -> tuple[ModelConfig, LLaDAModel]:
     """Only the params of a train step dir; the config is its workdir's."""
-    cfg = load_config(step_dir.parent.parent)
+    cfg = load_config(step_dir.parent.parent).replace(**overrides)
     graphdef, target = _restore_target(cfg, mesh, rules)
     item = {"params": target}
     restored = ocp.PyTreeCheckpointer().restore(
@@ -138,32 +138,60 @@ def workdir_steps(workdir: str | pathlib.Path) -> list[int]:
     return list(manager.all_steps())
 
 
-def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None
-               ) -> tuple[ModelConfig, LLaDAModel]:
+def load_model(path: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None,
+               dtype: str | None = None, compute_dtype: str | None = None,
+               causal: bool | None = None, role: str = "") -> tuple[ModelConfig, LLaDAModel]:
     """(ModelConfig, LLaDAModel) from a params checkpoint, a train workdir (its latest
-    checkpoint, or `step`), a train step dir or an HF LLaDA directory (see the module docstring)."""
+    checkpoint, or `step`), a train step dir or an HF LLaDA / LLaMA directory (see the module
+    docstring): the one loader every command uses.
+
+    `dtype` casts the params, `compute_dtype` sets the compute dtype (default: the checkpoint's).
+    `causal` True / False: the model must be a causal LM (a teacher) / a bidirectional LLaDA
+    (a student or drafter), else a CheckpointError that names `role` (e.g. "--teacher").
+    """
     path = pathlib.Path(path)
+    who = f"{role} {path}".strip()
+    if not path.exists():
+        raise CheckpointError(f"{who} does not exist")
     kind = checkpoint_kind(path)
     if step is not None and kind != "workdir":
         raise CheckpointError(f"a step ({step}) was given but {path} is {describe_kind(kind)}; "
                               f"--step picks a checkpoint of a train workdir")
+    overrides = {k: v for k, v in (("param_dtype", dtype), ("dtype", compute_dtype)) if v}
+    if kind is None:
+        raise CheckpointError(f"{who} is {describe_kind(None)} (a params checkpoint has "
+                              f"{CONFIG_NAME} + {PARAMS_DIR}/, a workdir {STEPS_DIR}/, an HF dir "
+                              f"{CONFIG_NAME} + *.safetensors)")
+    if causal is not None:
+        _check_causal(path if kind in ("params", "hf") else path.parent.parent if kind == "step"
+                      else path, causal, role)
+    settings = {"compute_dtype": compute_dtype} if compute_dtype else {}
     if kind == "params":
-        return load_params(path, mesh=mesh, rules=rules)
+        return load_params(path, mesh=mesh, rules=rules, dtype=dtype, **settings)
     if kind == "hf":
-        return hf_params.load_hf(path, mesh=mesh, rules=rules)
+        return hf_params.load_hf(path, mesh=mesh, rules=rules, dtype=dtype, **settings)
     if kind == "step":
-        return _load_step(path, mesh, rules)
-    if kind == "workdir":
-        steps = workdir_steps(path)
-        if not steps:
-            raise CheckpointError(f"{path / STEPS_DIR} holds no finished checkpoint; train "
-                                  f"longer (train.checkpoint_every) or pick another workdir")
-        if step is not None and step not in steps:
-            raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {steps}")
-        return _load_step(path / STEPS_DIR / str(max(steps) if step is None else step), mesh, rules)
-    raise CheckpointError(f"{path} is {describe_kind(None)} (a params checkpoint has "
-                          f"{CONFIG_NAME} + {PARAMS_DIR}/, a workdir {STEPS_DIR}/, an HF dir "
-                          f"{CONFIG_NAME} + *.safetensors)")
+        return _load_step(path, mesh, rules, **overrides)
+    steps = workdir_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path / STEPS_DIR} holds no finished checkpoint; train "
+                              f"longer (train.checkpoint_every) or pick another workdir")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{path} has no checkpoint at step {step}; it has {steps}")
+    return _load_step(path / STEPS_DIR / str(max(steps) if step is None else step), mesh, rules,
+                      **overrides)
+
+
+def _check_causal(config_dir: pathlib.Path, causal: bool, role: str) -> None:
+    """Refuses a causal LM where a LLaDA is wanted, and the reverse, from config.json alone."""
+    if load_config(config_dir).causal == causal:
+        return
+    who = f"{role} {config_dir}".strip()
+    if causal:
+        raise CheckpointError(f"{who} is a bidirectional LLaDA (masked-diffusion) model; it must "
+                              f"be a causal LM (LLaMA-style)")
+    raise CheckpointError(f"{who} is a causal LLaMA model; the student must be a LLaDA "
+                          f"(masked-diffusion) checkpoint")
 
 
 def peek_config(path: str | pathlib.Path) -> ModelConfig | None:

@@ -1,7 +1,7 @@
 """`llada-jax` console script: one subcommand per stage of the flow (DESIGN.md).
 
-Each subcommand lives in the module that owns its stage and exposes
-`add_arguments(parser)` and `run(args) -> int`. A subcommand is listed here only
+Each subcommand is a module of `llada_jax.commands` with `add_arguments(parser)` and
+`run(args) -> int`; the library it drives lives in the package of its stage. A subcommand is listed here only
 once it works end to end. User errors (`llada_jax.errors.UserError`) are caught here, once:
 the message goes to stderr and the exit code is 2.
 """
@@ -20,14 +20,14 @@ from llada_jax.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("data_pipeline.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
-    "import-hf": ("llada_jax.model.import_hf", "HF LLaDA or LLaMA dir (safetensors) -> params checkpoint"),
-    "export-hf": ("llada_jax.model.export_hf", "params checkpoint -> HF LLaDA or LLaMA dir (safetensors)"),
-    "train": ("llada_jax.train.trainer", "fine-tune the student on teacher targets (resumes by itself)"),
-    "eval": ("llada_jax.eval.evaluate", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
-    "demo": ("llada_jax.demo", "the whole flow end to end on the built-in tiny default"),
-    "generate-teacher": ("llada_jax.teacher.generate", "causal teacher + prompts -> teacher logits (seed format)"),
-    "speculate": ("llada_jax.eval.speculate", "LLaDA drafts, the teacher verifies: measured tokens per target call"),
+    "preprocess": ("llada_jax.commands.preprocess", "teacher-logit dumps -> aligned top-k TFDS dataset + report"),
+    "import-hf": ("llada_jax.commands.import_hf", "HF LLaDA or LLaMA dir (safetensors) -> params checkpoint"),
+    "export-hf": ("llada_jax.commands.export_hf", "params checkpoint -> HF LLaDA or LLaMA dir (safetensors)"),
+    "train": ("llada_jax.commands.train", "fine-tune the student on teacher targets (resumes by itself)"),
+    "eval": ("llada_jax.commands.eval", "drafter metrics (KL, top-1, acceptance, E(gamma)) on held-out data"),
+    "demo": ("llada_jax.commands.demo", "the whole flow end to end on the built-in tiny default"),
+    "generate-teacher": ("llada_jax.commands.generate_teacher", "causal teacher + prompts -> teacher logits (seed format)"),
+    "speculate": ("llada_jax.commands.speculate", "LLaDA drafts, the teacher verifies: measured tokens per target call"),
 }
 
 # name -> the output flags (argparse dest, kind "dir" | "file") checked before any work starts.

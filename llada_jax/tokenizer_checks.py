@@ -4,7 +4,6 @@ role (a LLaDA student, a causal teacher)?"""
 
 from __future__ import annotations
 
-from llada_jax.model.config import ModelConfig
 
 # A model's vocab_size may pad its tokenizer's ids up to a round number (LLaDA: 126464 for
 # 126349 ids, Qwen2: 151936 for 151665): a few percent at most. More unused rows than this
@@ -12,7 +11,7 @@ from llada_jax.model.config import ModelConfig
 MAX_PADDING = 0.05
 
 
-def vocab_problem(flag: str, tokenizer_size: int, cfg: ModelConfig, model: str) -> str | None:
+def vocab_problem(flag: str, tokenizer_size: int, cfg, model: str) -> str | None:
     """Why the tokenizer given as `flag` cannot be `model`'s (e.g. "the teacher"), naming both
     sizes; None when it fits."""
     if tokenizer_size > cfg.vocab_size or tokenizer_size < (1 - MAX_PADDING) * cfg.vocab_size:
@@ -21,7 +20,7 @@ def vocab_problem(flag: str, tokenizer_size: int, cfg: ModelConfig, model: str) 
     return None
 
 
-def student_kind_problem(what: str, cfg: ModelConfig) -> str | None:
+def student_kind_problem(what: str, cfg) -> str | None:
     """A causal LM given where the LLaDA student (or drafter) belongs: it would run, unmasked,
     and give meaningless drafts."""
     if cfg.causal or cfg.model_type == "llama":

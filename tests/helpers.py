@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline import records
 from data_pipeline.toy_tokenizers import save_toy_tokenizers
-from llada_jax.train import divergences
+from llada_jax.distill import divergences
 
 ROOT = pathlib.Path(__file__).parents[1]
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.train import loss, masking
+from llada_jax.distill import loss, masking
 from tests.helpers import (MASK, SEGMENTS, jax_divergence, np_buckets, np_divergence,
                            packed_batch, topk_case)
 
@@ -317,15 +317,15 @@ def test_streak_acceptance_resumes_bit_exact(tmp_path, capsys):
 def test_every_compare_recipe_is_a_valid_train_config(tmp_path):
     """`demo --compare-strategies` rows: each loads as a config the train step accepts, and
     sets what its name says."""
-    from llada_jax import demo
+    from llada_jax.commands import demo
     from llada_jax.train import config as train_config
-    from llada_jax.train import train_step
+    from llada_jax.distill.loss import LossConfig
 
     for name, overrides in demo.RECIPES.items():
         config = train_config.apply_overrides(  # (no dataset: validate() would look for it)
             train_config.load_config_file("tiny"),
             demo.demo_overrides(tmp_path, 10, None) + list(overrides))
-        train_step.check_loss_config(config.loss)
+        LossConfig.from_config(config.loss)
         mode, kind = name.split("+")[:2]
         assert config.loss.mask_mode == mode.replace("_dense", "").replace("_mixed", "")
         assert config.loss.kind == kind
@@ -340,7 +340,7 @@ def test_every_compare_recipe_is_a_valid_train_config(tmp_path):
 def test_recipe_table_ranks_on_selection_prompts_and_reports_confirmation():
     """The table ranks by the selection prompts' key only; the confirmation columns are the
     mean over seeds and their own ratio to the baseline (numbers worked by hand)."""
-    from llada_jax import demo
+    from llada_jax.commands import demo
 
     def run(g, s, cg, cs):
         return {"measured_greedy": g, "measured_sampled": s, "confirm_greedy": cg,

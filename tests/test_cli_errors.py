@@ -133,7 +133,7 @@ CASES = [
                                                        "--max-batches must be at least 1"]),
     # generate-teacher
     ([*GEN[:4], "/nonexistent", *GEN[5:]], ["--tokenizer /nonexistent is not an HF tokenizer"]),
-    (["generate-teacher", "--teacher", "/nonexistent", *GEN[3:]], ["--teacher /nonexistent does not exist"]),
+    (["generate-teacher", "--teacher", "/nonexistent", *GEN[3:]], ["--teacher /nonexistent: /nonexistent does not exist"]),
     ([*GEN[:-1], "<TMP>/t.txt"], ["the name must end in .json or .jsonl"]),
     ([*GEN[:6], "/nonexistent.txt", *GEN[7:]], ["prompts file /nonexistent.txt does not exist"]),
     ([*GEN, "--temperature", "-1"], ["--temperature >= 0"]),
@@ -202,7 +202,7 @@ def test_user_errors_exit_2_with_a_message(argv, messages, paths, tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", "tiny", "--workdir", "W", "--config.loss.mask_mode=prefx_block"],
      "loss.mask_mode='prefx_block' is not one of"),
-    (["export-hf", "--ckpt", "/nonexistent", "--out", "o"], "is neither a params checkpoint"),
+    (["export-hf", "--ckpt", "/nonexistent", "--out", "o"], "/nonexistent does not exist"),
     (["preprocess", "--input", "/nonexistent.jsonl", "--out", "o", "--student-tokenizer", "t",
       "--max-length", "8"], "no such file"),
 ])

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from llada_jax import cli, sharding
 from llada_jax.model.config import ModelConfig
 from llada_jax.model.modeling import CACHE_AXES, LLaDAModel
-from llada_jax.teacher.decode import CacheError, CachedLM
+from llada_jax.decode.cached import CacheError, CachedLM
 
 TOL = 1e-5
 PROMPTS = [[5, 9, 2, 7, 7, 3], [11, 4], [8, 1, 30, 2]]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.train import chunked_head, divergences, loss
+from llada_jax.distill import chunked_head, divergences, loss
 from tests.helpers import (full_vocab_case, jax_divergence, np_buckets, np_divergence,
                            np_plogratio, np_softmax, topk_case)
 

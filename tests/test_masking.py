@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax.train import masking
+from llada_jax.distill import masking
 from tests.helpers import MASK, SEGMENTS, packed_batch
 
 def masks(batch, mode, seed=0, eps=1e-3):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.eval import metrics
-from llada_jax.train import masking
+from llada_jax.distill import metrics
+from llada_jax.distill import masking
 from tests.helpers import (MASK, SEGMENTS, full_vocab_case, jax_divergence, np_buckets,
                            np_divergence, np_softmax, packed_batch, topk_case)
 

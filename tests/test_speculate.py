@@ -16,10 +16,11 @@ import torch
 from scipy import stats
 from transformers import LlamaForCausalLM
 
-from llada_jax.demo import ASSETS
-from llada_jax.eval import rejection, speculate as sp, verify
-from llada_jax.eval.draft import Drafter
-from llada_jax.eval.vocab_bridge import VocabBridge
+from llada_jax.checkpoints import load_model
+from llada_jax.commands.demo import ASSETS
+from llada_jax.speculate import rejection, loop as sp, verify
+from llada_jax.speculate.draft import Drafter
+from llada_jax.speculate.vocab_bridge import VocabBridge
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import generate as gt
 
@@ -31,7 +32,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def teacher():
-    return sp.load_lm(str(ASSETS / "teacher"), "float32")
+    return load_model(ASSETS / "teacher", compute_dtype="float32")[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def reference(teacher):
 
 @functools.cache
 def _trained_student():
-    return sp.load_lm(str(ASSETS / "student"))
+    return load_model(ASSETS / "student")[1]
 
 
 def _drafter_model(kind, teacher):
@@ -199,7 +200,7 @@ def test_hf_llama_teacher_greedy_equals_transformers_generate(llama_teacher, tea
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                               max_new_tokens=new, eos_token_id=2, pad_token_id=1)
         want.append(out[0, ids.shape[1]:].tolist())
-    llama = sp.load_lm(str(hf_dir), "float32")
+    llama = load_model(hf_dir, compute_dtype="float32")[1]
     for gamma in (1, 4, 8):
         results = sp.speculate(None, str(hf_dir), prompts, gamma=gamma, strategy=strategy,
                                decoding=sp.Decoding(new), drafter_tokenizer=STUDENT_TOK,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from llada_jax.eval import rejection
+from llada_jax.speculate import rejection
 
 V = 6
 

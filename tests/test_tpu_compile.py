@@ -89,7 +89,7 @@ def test_llada_8b_variants_match_their_slice(variant, target):
 
 
 def test_cached_decode_step_updates_the_cache_in_place():
-    """The teacher's KV-cached step (teacher/decode.py) on v5e 2x2, KV heads over tensor, rows
+    """The teacher's KV-cached step (decode/cached.py) on v5e 2x2, KV heads over tensor, rows
     over fsdp: the donated cache is aliased to the output and the temporaries do not grow with
     it (the new keys/values are written once, not copied per layer)."""
     from llada_jax.model.config import ModelConfig

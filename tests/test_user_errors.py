@@ -138,7 +138,7 @@ def test_num_steps_past_the_data_says_where_it_stopped(data_dir, tmp_path, capsy
 
 
 def test_metrics_logger_drops_the_steps_a_resume_replays(tmp_path):
-    from llada_jax.train.metrics_writer import MetricsLogger
+    from llada_jax.metrics_writer import MetricsLogger
 
     lines = [json.dumps({"step": s, "split": "train", "loss": s}) for s in range(1, 9)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "spl')  # torn
@@ -317,7 +317,7 @@ def test_a_killed_generate_teacher_leaves_no_output_file(tmp_path):
 
 
 def test_write_records_failing_midway_leaves_nothing(tmp_path):
-    from llada_jax.teacher.generate import write_records
+    from llada_jax.teacher.seed_format import write_records
 
     def records():
         yield {"prompt": "a", "response": "b", "logits": []}

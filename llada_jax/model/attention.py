@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.model import splash
+from llada_jax.model.config import ATTENTION_IMPL_NAMES
 
 
 def _heads_first(q_blnh, k_blkh, v_blkh):
@@ -89,6 +90,7 @@ ATTENTION_IMPLS: dict[str, Callable] = {
     "dot_product_attention": dot_product_attention,
     "splash": splash.splash_attention,
 }
+assert tuple(ATTENTION_IMPLS) == ATTENTION_IMPL_NAMES, "keep config.ATTENTION_IMPL_NAMES in step"
 
 
 def cached_attention(q_bknh, k_bskh, v_bskh, old_bs, k_new_bkKh, v_new_bkKh, new_bqk):

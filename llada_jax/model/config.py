@@ -211,12 +211,15 @@ class ModelConfig:
         return {f: getattr(self, f) for f in RUN_SETTINGS}
 
 
+# The names of modeling.REMAT_POLICIES and attention.ATTENTION_IMPLS (each of those modules
+# checks at import that its table has exactly these keys).
+REMAT_POLICY_NAMES = ("none", "full", "dots")
+ATTENTION_IMPL_NAMES = ("xla", "dot_product_attention", "splash")
+
+
 def run_setting_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the run settings that are names (the training config checks them too)."""
-    from llada_jax.model import attention, modeling  # modeling imports this module
-
-    return {"remat_policy": tuple(modeling.REMAT_POLICIES),
-            "attention_impl": tuple(attention.ATTENTION_IMPLS),
+    return {"remat_policy": REMAT_POLICY_NAMES, "attention_impl": ATTENTION_IMPL_NAMES,
             "param_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
 
 

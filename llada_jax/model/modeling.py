@@ -27,7 +27,7 @@ from flax import nnx
 
 from llada_jax.model import rope, splash
 from llada_jax.model.attention import ATTENTION_IMPLS, cached_attention
-from llada_jax.model.config import ModelConfig
+from llada_jax.model.config import REMAT_POLICY_NAMES, ModelConfig
 from llada_jax.sharding import constrain
 
 # Block parameters: name -> logical axes after 'layers'. Shapes in LLaDAModel.__init__.
@@ -50,6 +50,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     # Keep the weight matmuls' outputs, recompute attention scores and elementwise ops.
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert tuple(REMAT_POLICIES) == REMAT_POLICY_NAMES, "keep config.REMAT_POLICY_NAMES in step"
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...],

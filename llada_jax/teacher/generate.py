@@ -17,7 +17,7 @@ applied to one user message (BOS and headers as text), and that text is the reco
 
 Rows are left-padded to a fixed length per batch (positions start at 0 at each row's first real
 token, padding hidden); the prompts are prefilled into a KV cache once and every new token is
-one cached step (teacher/decode.py), compiled once per prompt-length bucket.
+one cached step (decode/cached.py), compiled once per prompt-length bucket.
 Output is streamed (JSONL line by line; a JSON array element by element), so memory stays
 bounded by one batch. Several processes (--coordinator-address ..., or a TPU slice): each
 generates its share of the prompts, with --mesh one teacher sharded over all of them
@@ -26,35 +26,31 @@ generates its share of the prompts, with --mesh one teacher sharded over all of 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
-import json
-import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llada_jax import reports
 from llada_jax import sharding
-from llada_jax.checkpoints import PARAMS_DIR, load_params
+from llada_jax.checkpoints import checkpoint_kind, load_model
+from llada_jax.decode.buckets import PROMPT_BUCKET
+from llada_jax.decode.cached import CachedLM
+from llada_jax.decode.sampling import sample_next
 from llada_jax.errors import GenerateError, UserError
-from llada_jax.model import params
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import hosts
 from llada_jax.teacher.prompts import nonempty, prompt_ids, read_prompts
+from llada_jax.teacher.seed_format import TokenText, checked_out_path, to_record, write_records
 from llada_jax.tokenizer_checks import vocab_problem
-from llada_jax.teacher.decode import CachedLM
 
 TOP_K = 5
-PROMPT_BUCKET = 16        # prompt lengths round up to this: few distinct shapes to compile
-LOGIT_DECIMALS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,21 +63,6 @@ class Sampling:
 
 
 # ----------------------------------------------------------------------------- decoding
-
-def sample_next(logits_bv: jax.Array, key: jax.Array, temperature: float,
-                top_p: float) -> jax.Array:
-    """int32 [B]: argmax (temperature 0), else a draw from the tempered top-p nucleus."""
-    if temperature == 0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    scaled = logits_bv / temperature
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    # Keep a token while the mass strictly before it is < top_p (the first one always stays).
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-
 
 @functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_p", "full_logits"))
 def pick(logits_bv, key_data, *, vocab_size: int, temperature: float, top_p: float,
@@ -99,7 +80,7 @@ def pick(logits_bv, key_data, *, vocab_size: int, temperature: float, top_p: flo
 
 
 @dataclasses.dataclass
-class _Row:
+class Row:
     ids: list[int] = dataclasses.field(default_factory=list)
     entries: list[tuple] = dataclasses.field(default_factory=list)  # (top_ids, top_logits, full)
     done: bool = False
@@ -108,7 +89,7 @@ class _Row:
 def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling: Sampling,
                    stop_ids: set[int], pad_id: int, vocab_size: int, key: jax.Array,
                    batch_size: int, full_logits: bool,
-                   mesh: jax.sharding.Mesh | None = None) -> list[_Row] | None:
+                   mesh: jax.sharding.Mesh | None = None) -> list[Row] | None:
     """Continues each prompt (<= batch_size of them) until a stop id or max_new_tokens:
     one prefill of the left-padded prompts, then one cached step per token (decode.py).
 
@@ -120,7 +101,7 @@ def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling:
     if layout is None:
         return None
     lm = CachedLM(model, len(layout.pads), layout.tokens.shape[1] + sampling.max_new_tokens, mesh)
-    rows = [_Row() for _ in ids_per_prompt]
+    rows = [Row() for _ in ids_per_prompt]
     done = ~layout.real  # rows with no prompt of their own never hold back the stop
     stop = np.array(sorted(stop_ids), np.int64)
     logits_bv = lm.prefill(layout.tokens, layout.pads)
@@ -150,50 +131,16 @@ def generate_batch(model: LLaDAModel, ids_per_prompt: list[list[int]], sampling:
 
 # ----------------------------------------------------------------------------- records
 
-class _TokenText:
-    """id -> the tokenizer's decode of that single id, cached."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
-                                                         clean_up_tokenization_spaces=False)
-        return self.cache[token_id]
-
-
-def _logit(x) -> float:
-    return round(float(x), LOGIT_DECIMALS)
-
-
-def to_record(prompt: str, row: _Row, tokenizer: PreTrainedTokenizerBase,
-              token_text: _TokenText) -> dict:
-    entries = []
-    for position, (token_id, (top_ids, top_logits, full)) in enumerate(zip(row.ids, row.entries)):
-        entry = {"position": position, "chosen_token": token_text(token_id),
-                 "chosen_token_id": token_id,
-                 "top_5": [{"token": token_text(int(i)), "token_id": int(i), "logit": _logit(v)}
-                           for i, v in zip(top_ids, top_logits)]}
-        if full is not None:
-            entry["full_logits"] = [_logit(v) for v in full]
-        entries.append(entry)
-    response = tokenizer.decode(row.ids, skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-    return {"prompt": prompt, "response": response, "logits": entries}
-
-
 def generate_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
                      sampling: Sampling = Sampling(), **options) -> Iterator[dict]:
     """Seed-format records, one per prompt, in prompt order (options: see generate_rows)."""
-    token_text = _TokenText(tokenizer)
+    token_text = TokenText(tokenizer)
     for text, row in generate_rows(model, tokenizer, prompts, sampling, **options):
         yield to_record(text, row, tokenizer, token_text)
 
 
 def generate_rows(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompts: Iterable[str],
-                  sampling: Sampling = Sampling(), **options) -> Iterator[tuple[str, _Row]]:
+                  sampling: Sampling = Sampling(), **options) -> Iterator[tuple[str, Row]]:
     """(prompt text, generated row) per prompt, in prompt order (options: generate_batches's)."""
     for batch in generate_batches(model, tokenizer, prompts, sampling, **options):
         yield from batch
@@ -203,7 +150,7 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
                      sampling: Sampling = Sampling(), *, batch_size: int = 8,
                      full_logits: bool = False, chat_template: bool = False,
                      mesh: jax.sharding.Mesh | None = None,
-                     numbers: Iterable[int] | None = None) -> Iterator[list[tuple[str, _Row]]]:
+                     numbers: Iterable[int] | None = None) -> Iterator[list[tuple[str, Row]]]:
     """(prompt text, generated row) for each batch of `batch_size` prompts, in prompt order
     (rows over the mesh's data axes, heads over `tensor`, when `mesh` is given). With a mesh
     over several processes each batch is one collective step (hosts.py): a process whose
@@ -248,41 +195,6 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
         yield [(text, row) for (text, _), row in zip(batch, rows)]
 
 
-def _checked_out_path(out_path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
-    out_path = pathlib.Path(out_path)
-    if out_path.suffix not in (".json", ".jsonl"):
-        raise GenerateError(f"--out {out_path}: the name must end in .json or .jsonl")
-    if out_path.is_dir():
-        raise GenerateError(f"--out {out_path} is a folder; name the output file")
-    if out_path.exists() and not overwrite:
-        raise GenerateError(f"--out {out_path} already exists; pass --overwrite to replace it, "
-                            f"or choose another name")
-    return out_path
-
-
-def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
-    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count.
-    They go to a temporary file next to it, renamed over `out_path` once complete: a killed
-    or failed run never leaves a partial file that looks like a finished one."""
-    out_path = _checked_out_path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = out_path.suffix == ".jsonl"
-    count = 0
-    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            f.write("" if jsonl else "[\n")
-            for record in records:
-                f.write(("" if jsonl or not count else ",\n") + json.dumps(record)
-                        + ("\n" if jsonl else ""))
-                count += 1
-            f.write("" if jsonl else "\n]\n")
-        os.replace(partial, out_path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return count
-
-
 def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path | None = None,
                  dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
                  ) -> tuple[LLaDAModel, PreTrainedTokenizerBase]:
@@ -293,19 +205,12 @@ def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path 
     to the HF directory's own.
     """
     teacher = pathlib.Path(teacher)
-    if not teacher.exists():
-        raise GenerateError(f"--teacher {teacher} does not exist; pass a causal params "
-                            f"checkpoint (import-hf) or an HF LLaMA directory")
     tokenizer_dir = tokenizer_dir or teacher
-    hf_dir = not (teacher / PARAMS_DIR).is_dir() and (teacher / "config.json").is_file()
-    if tokenizer_dir == teacher and not hf_dir:
+    if tokenizer_dir == teacher and checkpoint_kind(teacher) == "params":
         raise GenerateError(f"--tokenizer is needed: {teacher} is a params checkpoint, which "
                             f"holds no tokenizer")
     try:
-        if hf_dir:
-            _, model = params.load_hf(teacher, mesh=mesh, dtype=dtype, compute_dtype=dtype)
-        else:
-            _, model = load_params(teacher, mesh=mesh, dtype=dtype, compute_dtype=dtype)
+        _, model = load_model(teacher, mesh=mesh, dtype=dtype, compute_dtype=dtype, causal=True)
     except UserError as e:
         raise GenerateError(f"--teacher {teacher}: {e}") from e
     if not pathlib.Path(tokenizer_dir, "tokenizer_config.json").is_file():
@@ -322,7 +227,7 @@ def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path 
     """The subcommand as a function (the demo calls it); `options` go to generate_records.
     Several processes: each generates its share and process 0 writes `out` (others return 0).
     An existing `out` is refused unless `overwrite`."""
-    _checked_out_path(out, overwrite)
+    checked_out_path(out, overwrite)
     texts = nonempty(read_prompts(prompts), prompts)  # checked before the teacher loads
     model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
     if jax.process_count() == 1:
@@ -344,7 +249,7 @@ def shared_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompt
     """Several processes: each generates its share of `prompts` (hosts.py); every record, in
     prompt order, on every process (options: generate_batches's)."""
     count, rank = jax.process_count(), jax.process_index()
-    token_text = _TokenText(tokenizer)
+    token_text = TokenText(tokenizer)
     batches = generate_batches(model, tokenizer, prompts[rank::count], sampling,
                                batch_size=batch_size, numbers=range(rank, len(prompts), count),
                                **options)
@@ -353,75 +258,3 @@ def shared_records(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prompt
         yield from (record for _, record in sorted(hosts.gather(local), key=lambda x: x[0]))
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True,
-                        help="causal params checkpoint, or an HF LLaMA dir (config.json + safetensors)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="teacher tokenizer directory (HF; default: the --teacher HF dir)")
-    parser.add_argument("--dtype", choices=sorted(params.DTYPES), default="float32",
-                        help="params and compute dtype (bfloat16 for a large teacher)")
-    parser.add_argument("--mesh", default=None,
-                        help="device mesh, e.g. tensor=8 (rows over data, heads over tensor)")
-    parser.add_argument("--prompts", required=True, nargs="+",
-                        help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
-    out = parser.add_mutually_exclusive_group(required=True)
-    out.add_argument("--out", help="output .jsonl or .json (seed format)")
-    out.add_argument("--records", metavar="DATA_DIR",
-                     help="write the training dataset (as preprocess does) instead of JSON")
-    parser.add_argument("--student-tokenizer", help="--records: the student tokenizer (as preprocess)")
-    parser.add_argument("--top-k", type=int, default=64, help="--records: teacher log-probs kept")
-    parser.add_argument("--record-format", type=int, choices=(1, 2), default=2,
-                        help="--records: 2 (default) quantised log-probs, 1 float32 (as preprocess)")
-    parser.add_argument("--max-length", type=int, default=4096,
-                        help="--records: max student tokens per example")
-    parser.add_argument("--validation-fraction", type=float, default=0.05)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out file, or rebuild --records DATA_DIR")
-    parser.add_argument("--coordinator-address", default=None,
-                        help="multi-process runs off TPU: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-logits", action="store_true",
-                        help="also write every logit (vocab_size floats per response token)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--chat-template", action="store_true",
-                        help="wrap each prompt in the tokenizer's chat template as a user turn")
-
-
-def run(args: argparse.Namespace) -> int:
-    problems = []
-    if args.greedy and args.temperature > 0:
-        problems.append("--greedy and --temperature > 0 contradict each other; pick one")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        problems.append("need --temperature >= 0 and 0 < --top-p <= 1")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        problems.append("need --max-new-tokens >= 1 and --batch-size >= 1")
-    if args.records and not args.student_tokenizer:
-        problems.append("--records needs --student-tokenizer (the tokenizer the dataset is for)")
-    if problems:
-        raise GenerateError("; ".join(problems))
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    from llada_jax.train.trainer import maybe_initialize_distributed
-
-    maybe_initialize_distributed(args)  # before the mesh: it spans every process's devices
-    mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
-    if args.records:
-        from llada_jax.teacher import to_records  # it builds on this module
-        return to_records.run(args, sampling, mesh)
-    if jax.process_index() == 0:
-        print(f"generate-teacher: loading {args.teacher}, then up to {args.max_new_tokens} "
-              f"tokens per prompt -> {args.out}", file=sys.stderr, flush=True)
-    count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
-                             dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
-                             full_logits=args.full_logits, chat_template=args.chat_template,
-                             overwrite=args.overwrite)
-    if jax.process_index() == 0:
-        print(f"generate-teacher: wrote {count} records to {args.out}")
-    return 0

@@ -1,4 +1,4 @@
-"""`generate-teacher --records DATA_DIR`: the training dataset straight from the teacher, no JSON.
+"""The training dataset straight from the teacher, no JSON (`generate-teacher --records DATA_DIR`).
 
     llada-jax generate-teacher --teacher LLAMA_DIR --prompts p.txt --records DATA_DIR \\
         --student-tokenizer LLADA_TOK --top-k 64 [--max-length 4096]
@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -37,12 +36,13 @@ from data_pipeline.validate import Entry, TeacherRecord
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import generate as gen
 from llada_jax.teacher import hosts
+from llada_jax.teacher.seed_format import TokenText
 
 SOURCE = "generate-teacher"  # the `file` of each record in the report
 
 
-def teacher_record(prompt: str, row: gen._Row, tokenizer: PreTrainedTokenizerBase,
-                   token_text: gen._TokenText, converter: Converter) -> TeacherRecord:
+def teacher_record(prompt: str, row: gen.Row, tokenizer: PreTrainedTokenizerBase,
+                   token_text: TokenText, converter: Converter) -> TeacherRecord:
     """The seed-format record of one generated row, its full logits reduced by the converter."""
     entries = [Entry(chosen_token=token_text(token_id), chosen_id=token_id,
                      top5_tokens=[token_text(int(i)) for i in top_ids],
@@ -63,14 +63,14 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
     dataset under `out`; the report dict on process 0, None on the others. `options`:
     generate_batches's (chat_template, mesh). A finished dataset in `out` is reused only if it
     was made from the same prompts, teacher and decoding settings (`sources`)."""
-    converter = preprocess._checked_converter(opts)
+    converter = preprocess.checked_converter(opts)
     count, rank = jax.process_count(), jax.process_index()
     prompts = list(prompts)
     finished = os.path.isdir(os.path.join(out, records.NAME, records.VERSION)) and not overwrite
     batches = gen.generate_batches(model, tokenizer, prompts[rank::count], sampling,
                                    batch_size=batch_size, full_logits=True,
                                    numbers=range(rank, len(prompts), count), **options)
-    token_text = gen._TokenText(tokenizer)
+    token_text = TokenText(tokenizer)
 
     def results() -> Iterator[Result]:
         for batch in hosts.own_rounds(batches, 0 if finished else len(prompts), batch_size):
@@ -100,35 +100,3 @@ def sources(model: LLaDAModel, prompts: list[str], sampling: gen.Sampling, optio
                                  "sampling": dataclasses.asdict(sampling),
                                  "chat_template": bool(options.get("chat_template"))}}
 
-
-def run(args, sampling: gen.Sampling, mesh) -> int:
-    """generate-teacher --records (the parsed CLI arguments of generate.add_arguments;
-    generate.run has started the processes and made the mesh)."""
-    prompts = gen.nonempty(gen.read_prompts(args.prompts), args.prompts)  # before the teacher
-    model, tokenizer = gen.load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
-    if jax.process_count() > 1:
-        print(hosts.describe_share(model))
-    teacher_tokenizer = args.tokenizer or args.teacher
-    opts = Options(args.student_tokenizer, str(teacher_tokenizer), args.max_length, args.top_k,
-                   model.cfg.vocab_size, validation_fraction=args.validation_fraction,
-                   record_format=args.record_format)
-    try:
-        report = write_teacher_dataset(
-                model, tokenizer, prompts, args.records, opts, sampling,
-                batch_size=args.batch_size, overwrite=args.overwrite,
-                chat_template=args.chat_template, mesh=mesh)
-    except ValueError as e:  # the data pipeline's own errors (tokenizers, options, reuse)
-        print(f"generate-teacher: {e}", file=sys.stderr)
-        return 2
-    if report is None:
-        return 0
-    print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
-                                             "bytes_per_response_token") if k in report}, indent=2))
-    print(preprocess.human_summary(report, preprocess.report_dir(args.records, report)),
-          file=sys.stderr)
-    if args.validation_fraction and report["written"] and \
-            not report["written_per_split"].get("validation"):
-        print(f"generate-teacher: no example landed in the validation split (--validation-"
-              f"fraction {args.validation_fraction} of {report['written']}); give more prompts "
-              f"or a larger fraction for a held-out eval", file=sys.stderr)
-    return 0 if report["written"] else 1

@@ -1,2 +1,2 @@
-"""Training: the config schema, diffusion masking, the chunked distillation loss, AdamW, the
-sharded train step, the trainer loop with its checkpoints, and TPU ahead-of-time compiles."""
+"""Training: the config schema, the sharded train step, the trainer loop with its checkpoints,
+the recipes `demo --compare-strategies` trains, and TPU ahead-of-time compiles."""

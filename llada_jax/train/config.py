@@ -8,9 +8,9 @@ start from `default_config()` and change what differs (`tiny.py` shrinks it for 
 `llada_8b:v5e_64`) or a file path (`my_config.py`, `my_config.py:variant`); a file exposes
 `get_config()` or `get_config(variant)`, like ml_collections' `config_flags`.
 
-Defaults have one home each: the model's run settings are ModelConfig's, the loss and masking
-settings are the defaults of `loss.distill_loss` and `masking.diffusion_mask`, the sharding
-rules are `sharding.DEFAULT_RULES`. `validate()` checks every field when the config is loaded,
+Defaults have one home each: the model's run settings are ModelConfig's, the loss settings
+are `distill.loss.LossConfig`'s (which also holds their cross-field rules), the sharding rules
+are `sharding.DEFAULT_RULES`. `validate()` checks every field when the config is loaded,
 before any data, checkpoint or device is touched.
 """
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+import dataclasses
 import importlib
 import importlib.resources
 import importlib.util
-import inspect
 import math
 import os
 import pathlib
@@ -34,18 +34,11 @@ from llada_jax import checkpoints
 from llada_jax import sharding
 from llada_jax.errors import ConfigError
 from llada_jax.model.config import ModelConfig, run_setting_choices, run_setting_defaults
-from llada_jax.train import divergences
-from llada_jax.train import loss as loss_lib
-from llada_jax.train import masking
+from llada_jax.distill import loss as loss_lib
 
 SHIPPED = "llada_jax.configs"
 # The ModelConfig run settings a training config sets (a student is never causal).
 RUN_FIELDS = ("scan_layers", "remat_policy", "param_dtype", "dtype", "attention_impl")
-
-
-def _defaults(fn, *names: str) -> dict:
-    params = inspect.signature(fn).parameters
-    return {name: params[name].default for name in names}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -75,31 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_shards = 0              # data shards (0: one per process); keep it to resume
     c.data.eval_split = "validation"
 
-    # kind: kl | reverse_kl | jsd | tvd; beta (jsd only): beta KL(p || m) + (1 - beta) KL(q || m).
-    # chunk_axis, how the LM head is cut (train/loss.py): "sequence" chunks of chunk_size
-    # positions (fewest FLOPs: logits made once, gradients in closed form; holds [B, chunk, V]
-    # logits), or "vocab" tiles of vocab_tile columns (a few [B, L, tile] buffers; one
-    # head-gradient reduction across devices). vocab_tile also cuts the sequence path's
-    # head-gradient adds. mask_mode: original | masked_only | full | prefix_block | draft_blocks;
-    # kind also alpha | lk (acceptance training, below).
-    c.loss = ml_collections.ConfigDict(_defaults(
-        loss_lib.distill_loss, "kind", "temperature", "beta", "chunk_axis", "chunk_size",
-        "vocab_tile"))
-    c.loss.update(mask_mode=_defaults(masking.diffusion_mask, "mode")["mode"],
-                  mask_eps=_defaults(masking.diffusion_mask, "eps")["eps"])
-    # -- acceptance training (issue 16): allowed values next to the code that implements them --
-    c.loss.lk_decay = 1.0              # lk: w = exp(-lk_decay alpha) (divergences.divergence)
-    c.loss.position_weights = "uniform"  # loss.POSITION_WEIGHTS: uniform | streak | geometric
-    c.loss.geometric_ratio = 0.7       # geometric: offset j weighs ratio^j
-    c.loss.streak_ema = 0.9            # streak: EMA decay of the per-offset acceptance
-    c.loss.draft_gamma = 4             # draft_blocks: masked, scored block length
-    c.loss.draft_gamma_max = 0         # > draft_gamma: gamma ~ U{draft_gamma..draft_gamma_max}
-    c.loss.draft_trailing = 4          # draft_blocks: trailing masks (speculate --trailing-masks)
-    c.loss.draft_score_prefix = False  # draft_blocks: also score the visible response prefix
-    c.loss.draft_score_trailing = False  # draft_blocks: also score the trailing masks
-    c.loss.draft_original_fraction = 0.0  # draft_blocks: segments left to the original masking
-    c.loss.intersection_vocab = False  # student restricted to the TLI intersection (loss.intersection_bias)
-    # -- end acceptance training --
+    # The distillation objective: every field and its meaning is distill.loss.LossConfig's
+    # (kind, temperature, the LM-head cut, mask mode, drafted blocks, position weights, the TLI
+    # intersection); its defaults are the shipped recipe (original masking + KL).
+    c.loss = ml_collections.ConfigDict(dataclasses.asdict(loss_lib.LossConfig()))
 
     # The original trainer's settings (DESIGN.md "Training system").
     c.optim = ml_collections.ConfigDict()
@@ -124,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpointing = True
 
-    # Drafter metrics (llada_jax/eval/evaluate.py), the same in `train`'s periodic eval, the
+    # Drafter metrics (distill/metrics.evaluate_model), the same in `train`'s periodic eval, the
     # demo and `llada-jax eval`.
     c.eval = ml_collections.ConfigDict()
     c.eval.gammas = (4, 8)
@@ -277,13 +249,7 @@ def load_config(spec: str, overrides: list[str] = (), *,
 
 def _choice_fields() -> dict[str, tuple]:
     fields = {f"model.{k}": v for k, v in run_setting_choices().items()}
-    fields.update({"loss.kind": divergences.KINDS, "loss.chunk_axis": loss_lib.CHUNK_AXES,
-                   "loss.mask_mode": masking.MODES,
-                   "loss.position_weights": loss_lib.POSITION_WEIGHTS,
-                   "loss.intersection_vocab": (True, False),
-                   "loss.draft_score_prefix": (True, False),
-                   "loss.draft_score_trailing": (True, False),
-                   "model.scan_layers": (True, False), "data.pack": (True, False),
+    fields.update({"model.scan_layers": (True, False), "data.pack": (True, False),
                    "train.async_checkpointing": (True, False)})
     return fields
 
@@ -297,17 +263,6 @@ _RANGES = {
     "data.seq_len": (lambda v: v > 0, "> 0"), "data.global_batch_size": (lambda v: v > 0, "> 0"),
     "data.num_shards": (lambda v: v >= 0, ">= 0 (0: one per process)"),
     "data.eval_split": (lambda v: bool(v), "a split name, e.g. 'validation'"),
-    "loss.temperature": (lambda v: v > 0, "> 0"),
-    "loss.beta": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "loss.chunk_size": (lambda v: v > 0, "> 0"), "loss.vocab_tile": (lambda v: v > 0, "> 0"),
-    "loss.mask_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "loss.lk_decay": (lambda v: v >= 0, ">= 0"),
-    "loss.geometric_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "loss.streak_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "loss.draft_gamma": (lambda v: v > 0, "> 0"),
-    "loss.draft_gamma_max": (lambda v: v >= 0, ">= 0 (0: always draft_gamma)"),
-    "loss.draft_trailing": (lambda v: v >= 0, ">= 0"),
-    "loss.draft_original_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.lr": (lambda v: v > 0, "> 0"),
     "optim.final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
@@ -341,7 +296,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     problems = [f"{field}={get(field)!r} is not one of {allowed}"
                 for field, allowed in _choice_fields().items() if get(field) not in allowed]
     problems += [f"{field}={get(field)!r} must be {want}" for field, (ok, want) in _RANGES.items()
-                 if not (field == "loss.beta" and config.loss.kind != "jsd") and not ok(get(field))]
+                 if not ok(get(field))]
+    problems += loss_lib.LossConfig.check(config.loss)[1]
     problems += _path_problems(config, for_training)
     problems += _mesh_problems(config, num_devices, num_processes)
     if problems:

@@ -33,7 +33,7 @@ from llada_jax.train import train_step
 from llada_jax.model import params
 from llada_jax.model.config import ModelConfig
 from llada_jax.model.modeling import CACHE_AXES, init_cache
-from llada_jax.teacher import decode
+from llada_jax.decode import cached as decode
 
 GIB = 1024 ** 3
 # Keeps libtpu from looking for a TPU VM's metadata server and worker list (it only describes
@@ -148,7 +148,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: str, *, vocab_
 def compile_decode_step(model_cfg: ModelConfig, target: str, mesh_sizes: dict[str, int], *,
                         batch_size: int, max_length: int, tokens_per_step: int = 1,
                         rules: sharding.Rules = sharding.DEFAULT_RULES) -> CompileReport:
-    """Compiles one KV-cached teacher step (teacher/decode.py: `tokens_per_step` tokens per row
+    """Compiles one KV-cached teacher step (decode/cached.py: `tokens_per_step` tokens per row
     appended to a donated [batch_size, max_length] cache) for TARGETS[target]."""
     mesh = sharding.make_mesh(mesh_sizes, topology_devices(target))
     graphdef, state = nnx.split(params.abstract_model(model_cfg))

@@ -17,9 +17,9 @@ import optax
 from flax import nnx
 
 from data_pipeline.batch import Batch
-from llada_jax.train import chunked_head
-from llada_jax.train import loss as loss_lib
-from llada_jax.train import masking
+from llada_jax.distill import chunked_head
+from llada_jax.distill import loss as loss_lib
+from llada_jax.distill import masking
 from llada_jax.train import optim
 from llada_jax import sharding
 from llada_jax.model.config import ModelConfig
@@ -46,26 +46,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation, n_offsets:
                       acceptance=jnp.full((n_offsets,), -1.0, jnp.float32) if n_offsets else None)
 
 
-def tracked_offsets(loss_cfg: ml_collections.ConfigDict) -> int:
-    """How many drafted offsets the train state tracks acceptance for (0: none)."""
-    if loss_cfg.position_weights != "streak":
-        return 0
-    return max(int(loss_cfg.draft_gamma), int(loss_cfg.draft_gamma_max))
-
-
-def check_loss_config(loss_cfg: ml_collections.ConfigDict) -> None:
-    """Clear errors for loss settings that do not fit together."""
-    if loss_cfg.position_weights not in loss_lib.POSITION_WEIGHTS:
-        raise ValueError(f"unknown position weights {loss_cfg.position_weights!r}: choose one of "
-                         f"{', '.join(loss_lib.POSITION_WEIGHTS)} (loss.position_weights)")
-    if loss_cfg.position_weights != "uniform" and loss_cfg.mask_mode != "draft_blocks":
-        raise ValueError(f"loss.position_weights={loss_cfg.position_weights} weights offsets in "
-                         "a drafted block: it needs loss.mask_mode=draft_blocks")
-    if loss_cfg.draft_gamma < 1 or loss_cfg.draft_trailing < 0:
-        raise ValueError("loss.draft_gamma must be >= 1 and loss.draft_trailing >= 0")
-
-
-def training_mask(rng, batch: Batch, loss_cfg: ml_collections.ConfigDict, mask_token_id: int):
+def training_mask(rng, batch: Batch, loss_cfg: loss_lib.LossConfig, mask_token_id: int):
     """(noisy tokens, loss mask, offsets or None, segment ids) for this step's masking."""
     if loss_cfg.mask_mode == "draft_blocks":
         blocks = masking.draft_blocks(rng, batch, mask_token_id=mask_token_id,
@@ -96,20 +77,18 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules) -> object:
 
 
 def distill_sums(graphdef, params, batch: Batch, noisy_tokens_bl, loss_mask_bl,
-                 loss_cfg: ml_collections.ConfigDict, segment_ids_bl=None, weights_bl=None,
-                 offsets_bl=None, n_offsets: int = 0, vocab_bias_v=None):
+                 loss_cfg: loss_lib.LossConfig, segment_ids_bl=None, weights_bl=None,
+                 offsets_bl=None, vocab_bias_v=None):
     """(sum of per-position weighted divergences, number of positions[, acceptance sums by
-    offset when n_offsets]) for one (micro)batch."""
+    offset when the config tracks them]) for one (micro)batch."""
     model = nnx.merge(graphdef, params)
     hidden_bld = model(noisy_tokens_bl, positions_bl=batch["positions"],
                        segment_ids_bl=batch["segment_ids"] if segment_ids_bl is None
                        else segment_ids_bl, return_hidden=True)
-    return loss_lib.distill_loss(
-        hidden_bld, model.lm_head_weight(), batch["teacher_ids"], batch["teacher_logprobs"],
-        loss_mask_bl, kind=loss_cfg.kind, temperature=loss_cfg.temperature, beta=loss_cfg.beta,
-        lk_decay=loss_cfg.lk_decay, chunk_axis=loss_cfg.chunk_axis,
-        chunk_size=loss_cfg.chunk_size, vocab_tile=loss_cfg.vocab_tile, weights_bl=weights_bl,
-        offsets_bl=offsets_bl, n_offsets=n_offsets, vocab_bias_v=vocab_bias_v)
+    return loss_lib.config_loss(hidden_bld, model.lm_head_weight(), batch["teacher_ids"],
+                                batch["teacher_logprobs"], loss_mask_bl, loss_cfg,
+                                weights_bl=weights_bl, offsets_bl=offsets_bl,
+                                vocab_bias_v=vocab_bias_v)
 
 
 def _split_micro(x, n: int):
@@ -128,15 +107,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     loss.streak_ema, of this batch's mean alpha at each offset) sets the next step's weights.
     """
     accum = int(config.optim.grad_accum_steps)
-    loss_cfg = config.loss
-    check_loss_config(loss_cfg)
-    n_offsets = tracked_offsets(loss_cfg)
-    n_weighted = max(int(loss_cfg.draft_gamma), int(loss_cfg.draft_gamma_max))
+    loss_cfg = loss_lib.LossConfig.from_config(config.loss)
+    n_offsets = loss_cfg.tracked_offsets
 
     def sums_and_grads(params, batch, noisy, loss_mask, segs, weights, offsets):
         def sums(p):
             out = distill_sums(graphdef, p, batch, noisy, loss_mask, loss_cfg, segs, weights,
-                               offsets, n_offsets, vocab_bias)
+                               offsets, vocab_bias)
             return out[0], (out[1], out[2] if n_offsets else jnp.zeros((0,), jnp.float32))
         (loss_sum, (count, alpha_g)), grads = jax.value_and_grad(sums, has_aux=True)(params)
         return loss_sum, count, alpha_g, grads
@@ -146,7 +123,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         noisy, loss_mask, offsets, segs = training_mask(step_rng, batch, loss_cfg, mask_token_id)
         offsets = jnp.full(loss_mask.shape, -1, jnp.int32) if offsets is None else offsets
         w_g = loss_lib.offset_weights(loss_cfg.position_weights, state.acceptance,
-                                      loss_cfg.geometric_ratio, n_weighted)
+                                      loss_cfg.geometric_ratio, loss_cfg.block_offsets)
         weights = jnp.where(offsets >= 0, w_g[jnp.maximum(offsets, 0)], 1.0)
         xs = (batch, noisy, loss_mask, segs, weights, offsets)
         if accum == 1:
@@ -228,7 +205,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
     abstract_model = nnx.eval_shape(lambda: LLaDAModel(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     optimizer = optim.make_optimizer(config.optim, total_steps)
-    n_offsets = tracked_offsets(config.loss)
+    n_offsets = loss_lib.LossConfig.from_config(config.loss).tracked_offsets
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer, n_offsets),
                                     abstract_params)
     state_sharding = state_shardings(abstract_state, mesh, rules)

@@ -1,6 +1,7 @@
-"""`llada-jax train`: the training loop around `train_step` (see DESIGN.md "Training system").
+"""The training loop around `train_step` (see DESIGN.md "Training system"); `llada-jax train`
+(commands/train.py) runs it.
 
-    llada-jax train --config tiny --workdir runs/tiny --config.data.dir=DATA
+    Trainer(config, workdir).fit()
 
 Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM or Ctrl-C
 (SIGINT), or at the JAX preemption sync point on TPU, saves a checkpoint and exits 0. One run per
@@ -9,9 +10,7 @@ workdir: a second one is refused while the first holds WORKDIR/.lock (workdir_lo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import pathlib
 import signal
@@ -28,65 +27,22 @@ from llada_jax import checkpoints
 from llada_jax.checkpoints import TrainCheckpointer
 from llada_jax import reports
 from llada_jax import sharding
-from llada_jax.eval import evaluate
+from llada_jax.distill.metrics import evaluate_model
 from llada_jax.train import config as train_config
-from llada_jax.train import loss as loss_lib
+from llada_jax.distill import loss as loss_lib
 from llada_jax.train import optim
 from llada_jax.train import run_checks
 from llada_jax.train import train_step
 from llada_jax.model.config import ModelConfig
 from llada_jax.errors import ConfigError
-from llada_jax.train.metrics_writer import MetricsLogger
+from llada_jax.metrics_writer import MetricsLogger
 from llada_jax.tokenizer_checks import student_kind_problem
 from llada_jax.workdir_lock import WorkdirLock
-
-ACCEPTS_EXTRA = True  # --config.a.b=v overrides
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="a shipped config (" + ", ".join(train_config.shipped_configs())
-                             + ") or a config file (path.py or path.py:variant)")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard")
-    parser.add_argument("--coordinator-address", default=None,
-                        help="multi-process runs off TPU: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
-    parser.add_argument("--no-progress", action="store_true", help="no console progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = train_config.load_config(args.config, args.extra)  # validated before anything runs
-    maybe_initialize_distributed(args)
-    with workdir_lock(args.workdir):  # before the trainer reads or compiles anything
-        trainer = Trainer(config, args.workdir, progress=not args.no_progress)
-        trainer.fit()
-    if jax.process_index() == 0:
-        workdir = pathlib.Path(args.workdir)
-        reports.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
-        step = trainer.checkpointer_latest
-        print(reports.train_summary(workdir, step, None if step is None else
-                                    str(workdir / checkpoints.STEPS_DIR / str(step))))
-    return 0
 
 
 def workdir_lock(workdir) -> contextlib.AbstractContextManager:
     """The workdir's lock, taken by process 0 (the one that writes config and metrics)."""
     return WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-
-
-def maybe_initialize_distributed(args: argparse.Namespace) -> None:
-    """Multi-host: TPU pods discover their peers; elsewhere the coordinator is given explicitly."""
-    if args.coordinator_address:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif _on_multihost_tpu():
-        jax.distributed.initialize()
-
-
-def _on_multihost_tpu() -> bool:
-    import os
-
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 class _Preemption:
@@ -198,7 +154,7 @@ class Trainer:
     def make_iterator(self, split: str, *, shuffle: bool, num_epochs: int | None):
         """This host's rows of each global batch, from its data shards (see HostShards)."""
         d = self.config.data
-        return HostShards([data_loader.make_loader(
+        return data_loader.HostShards([data_loader.make_loader(
             d.dir, split, batch_size=d.global_batch_size, seq_len=d.seq_len, seed=d.seed,
             shuffle=shuffle, num_epochs=num_epochs, pack=d.pack, shard_index=i,
             shard_count=self.num_data_shards) for i in self.shards])
@@ -278,11 +234,11 @@ class Trainer:
         return last
 
     def evaluate(self, state, max_batches: int | None = None) -> dict:
-        """Held-out drafter metrics of the state's params (`evaluate.evaluate_model`, the
-        function `llada-jax eval` runs) on the eval split; {} if it is empty."""
+        """Held-out drafter metrics of the state's params (`distill.metrics.evaluate_model`,
+        the function `llada-jax eval` runs) on the eval split; {} if it is empty."""
         model = nnx.merge(self.graphdef, state.params)
         batches = self.make_iterator(self.config.data.eval_split, shuffle=False, num_epochs=1)
-        return evaluate.evaluate_model(model, (self.to_global(b) for b in batches),
+        return evaluate_model(model, (self.to_global(b) for b in batches),
                                        self.config.eval, max_batches=max_batches)
 
     def log_eval(self, state, step: int, logger: MetricsLogger) -> None:
@@ -290,41 +246,6 @@ class Trainer:
         results = self.evaluate(state, max_batches=self.config.train.eval_batches)
         if results:
             logger.write(step, results["overall"], prefix="eval")
-
-
-class HostShards:
-    """Concatenates the rows of this host's data shards into its part of the global batch.
-
-    The data is split into `data.num_shards` disjoint shards (default: one per process), so a
-    run's global batches do not depend on how many processes read them: 2 processes x 1 shard
-    and 1 process x 2 shards see the same batches. Checkpointable through grain's orbax handler
-    (get_state/set_state as bytes, one file per process).
-    """
-
-    def __init__(self, iterators):
-        self.iterators = iterators
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def get_state(self) -> bytes:
-        return json.dumps([it.get_state() for it in self.iterators]).encode()
-
-    def set_state(self, state: bytes) -> None:
-        states = json.loads(state)
-        if len(states) != len(self.iterators):
-            raise ConfigError(f"the checkpoint's data iterator has {len(states)} shard(s) on this "
-                              f"process, the run has {len(self.iterators)}: keep data.num_shards "
-                              f"and the process count when resuming")
-        for it, st in zip(self.iterators, states):
-            it.set_state(st)
-
-    def start_prefetch(self) -> None:
-        pass
 
 
 class _Window:

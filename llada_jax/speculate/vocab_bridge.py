@@ -20,7 +20,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from data_pipeline import alignment
-from llada_jax.eval.draft import Draft
+from llada_jax.speculate.draft import Draft
 
 STRATEGIES = ("tli", "string")
 
@@ -37,11 +37,8 @@ class VocabBridge:
         self.shared = alignment.same_vocab(self.teacher, self.student)
         self.teacher_vocab_size = teacher_vocab_size
         # student id -> teacher id of the same bytes (the lowest such teacher id), else -1
-        self.to_teacher = np.full(student_vocab_size, -1, np.int64)
-        t2s = alignment.vocab_map(self.teacher, self.student)
-        for t in np.flatnonzero(t2s >= 0)[::-1]:
-            if t2s[t] < student_vocab_size and t < teacher_vocab_size:
-                self.to_teacher[t2s[t]] = t
+        self.to_teacher = alignment.student_to_teacher(self.teacher, self.student,
+                                                       student_vocab_size, teacher_vocab_size)
         spelled = np.asarray([i < len(self.student) and self.student.id_bytes[i] is not None
                               for i in range(student_vocab_size)])
         self.allowed = (self.to_teacher >= 0) if strategy == "tli" else spelled

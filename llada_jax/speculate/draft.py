@@ -26,16 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax.eval import rejection
-
-# Inputs are padded to a multiple of LENGTH_BUCKET and the rows read out to a multiple of
-# WIDTH_BUCKET (drafter and verifier alike): few shapes to compile.
-LENGTH_BUCKET, WIDTH_BUCKET = 32, 8
-
-
-def bucket(n: int, size: int) -> int:
-    return -(-n // size) * size
-
+from llada_jax.decode.buckets import LENGTH_BUCKET, WIDTH_BUCKET, bucket
+from llada_jax.speculate import rejection
 
 @dataclasses.dataclass
 class Draft:

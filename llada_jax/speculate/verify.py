@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 
 from llada_jax.errors import SpeculateError
-from llada_jax.eval.draft import LENGTH_BUCKET, WIDTH_BUCKET, block_logits, bucket
-from llada_jax.teacher.generate import PROMPT_BUCKET
+from llada_jax.decode.buckets import LENGTH_BUCKET, PROMPT_BUCKET, WIDTH_BUCKET, bucket
+from llada_jax.decode.cached import CachedLM
+from llada_jax.speculate.draft import block_logits
 
 VERIFIERS = ("cached", "recompute")
 
@@ -60,8 +61,6 @@ class CachedVerifier:
     """
 
     def __init__(self, model, prompt_width: int, max_new_tokens: int):
-        from llada_jax.teacher.decode import CachedLM
-
         self.prompt_width = prompt_width
         self.lm = CachedLM(model, batch_size=1,
                            max_length=prompt_width + max_new_tokens + WIDTH_BUCKET + PROMPT_BUCKET)

@@ -11,7 +11,7 @@ Two cuts (chosen by config field loss.chunk_axis, see `loss.distill_loss`):
   added tile by tile, so no head-sized temporary exists. At the 8B head (B = 1, L = 4096,
   V = 126464, chunk 256) its temporary memory is 1/21 of a dense loss (bench/loss_memory.py).
   With the batch sharded over devices, each chunk's head gradient is reduced across them, once
-  per chunk. The drafter metrics (eval/metrics.py) run through the same chunker.
+  per chunk. The drafter metrics (distill/metrics.py) run through the same chunker.
 - "vocab": a `lax.scan` over vocabulary tiles of the head, all positions at once, with running
   logsumexps, gathers and argmax, under `jax.checkpoint` (4 head matmuls). Temporary memory is
   a few [B, L, tile] buffers (1/17 of dense at tile 4096) and the head gradient is reduced across
@@ -27,8 +27,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llada_jax.train import divergences as div
-from llada_jax.train.divergences import NEG_INF, StudentStats
+from llada_jax.distill import divergences as div
+from llada_jax.distill.divergences import NEG_INF, StudentStats
 
 # Default head columns per vocabulary tile: temp memory grows with it (about 7 fp32 [B, L, tile]
 # buffers), while smaller tiles mean more scan steps; on CPU 4096 was the fastest at the

@@ -25,42 +25,10 @@ import time
 
 from llada_jax import reports
 from llada_jax.errors import UserError
+from llada_jax.train.recipes import BASELINE, RECIPES
 
-ASSETS = pathlib.Path(__file__).parent / "demo_assets"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "demo_assets"
 STRATEGIES = ("original", "masked_only", "prefix_block")
-# The recipes `--compare-strategies` trains (issue 16): loss kind, position weights, mask mode
-# and the TLI intersection, alone and combined, against today's default (original + KL).
-# draft_blocks scores only the block; _dense also scores the visible prefix (as the original
-# counts visible positions); _mixed is _dense plus the trailing masks, with half the segments
-# left to the original masking (masking.draft_blocks).
-_DB = ("--config.loss.mask_mode=draft_blocks",)
-_DENSE = _DB + ("--config.loss.draft_score_prefix=True",)
-_MIXED = _DENSE + ("--config.loss.draft_score_trailing=True",
-                   "--config.loss.draft_original_fraction=0.5")
-_STREAK = ("--config.loss.position_weights=streak",)
-_I = ("--config.loss.intersection_vocab=True",)
-_ORIGINAL = ("--config.loss.mask_mode=original",)
-BASELINE = "original+kl"  # today's default
-RECIPES = {
-    "original+kl": _ORIGINAL + ("--config.loss.kind=kl",),
-    "original+alpha": _ORIGINAL + ("--config.loss.kind=alpha",),
-    "original+lk": _ORIGINAL + ("--config.loss.kind=lk",),
-    "original+kl+intersection": _ORIGINAL + ("--config.loss.kind=kl",) + _I,
-    "draft_blocks+kl": _DB + ("--config.loss.kind=kl",),
-    "draft_blocks+lk": _DB + ("--config.loss.kind=lk",),
-    "draft_blocks+kl+streak": _DB + _STREAK + ("--config.loss.kind=kl",),
-    "draft_blocks+lk+streak": _DB + _STREAK + ("--config.loss.kind=lk",),
-    "draft_blocks+alpha+streak": _DB + _STREAK + ("--config.loss.kind=alpha",),
-    "draft_blocks+lk+streak+intersection": _DB + _STREAK + ("--config.loss.kind=lk",) + _I,
-    "draft_blocks_dense+kl": _DENSE + ("--config.loss.kind=kl",),
-    "draft_blocks_dense+kl+streak": _DENSE + _STREAK + ("--config.loss.kind=kl",),
-    "draft_blocks_dense+kl+streak+intersection": _DENSE + _STREAK + ("--config.loss.kind=kl",) + _I,
-    "draft_blocks_dense+kl+streak+gamma4-8": _DENSE + _STREAK + (
-        "--config.loss.kind=kl", "--config.loss.draft_gamma_max=8"),
-    "draft_blocks_dense+lk+streak": _DENSE + _STREAK + ("--config.loss.kind=lk",),
-    "draft_blocks_mixed+kl": _MIXED + ("--config.loss.kind=kl",),
-    "draft_blocks_mixed+lk+streak": _MIXED + _STREAK + ("--config.loss.kind=lk",),
-}
 SEEDS = 3  # --compare-strategies: seeds of the top rows
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
@@ -229,7 +197,7 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
 
     rows = {name: [train(name, 0)] for name in names}
     top = sorted(rows, key=lambda n: -_measured(rows[n][0]))[:args.top]
-    # The baseline of the goal (today's default) gets every seed too, when it is a row.
+    # The baseline (the shipped default) gets every seed too, when it is a row: the ratios need it.
     for name in top + [n for n in (BASELINE,) if n in rows and n not in top and args.top]:
         rows[name] += [train(name, seed) for seed in range(1, args.seeds)]
     return rows
@@ -248,7 +216,8 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
     prompts after the first SPEC_PROMPTS (keys confirm_greedy / confirm_sampled)."""
     from flax import nnx
 
-    from llada_jax.eval.speculate import load_lm, prompts_from_records
+    from data_pipeline.loader import prompt_texts
+    from llada_jax.checkpoints import load_model
     from llada_jax.train.trainer import Trainer
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -262,8 +231,8 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
         return measure_speculative(model, teacher, prompts)
 
     t = time.perf_counter()
-    teacher = load_lm(str(ASSETS / "teacher"), "float32")
-    prompts = prompts_from_records(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
+    teacher = load_model(ASSETS / "teacher", compute_dtype="float32", causal=True)[1]
+    prompts = prompt_texts(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
                                    SPEC_PROMPTS + (CONFIRM_PROMPTS if confirm else 0))
     prompts, confirm_prompts = prompts[:SPEC_PROMPTS], prompts[SPEC_PROMPTS:]
     initial = (held_out(trainer.initial_state()) | measured(trainer.initial_state(), prompts)
@@ -284,7 +253,7 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
 
 def measure_speculative(drafter, teacher, prompts: list[str]) -> dict:
     """Measured tokens per target call of `drafter` for the demo teacher, greedy and sampled."""
-    from llada_jax.eval.speculate import Decoding, speculate
+    from llada_jax.speculate.loop import Decoding, speculate
 
     out = {}
     for name, decoding in (("greedy", Decoding(SPEC_NEW_TOKENS)),

@@ -8,11 +8,16 @@ hosts.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from llada_jax.train import chunked_head
-from llada_jax.train import divergences as div
+from data_pipeline import alignment
+from llada_jax.distill import chunked_head
+from llada_jax.distill import divergences as div
+from llada_jax.distill import masking
+from llada_jax.errors import ConfigError
 
 CHUNK_AXES = ("sequence", "vocab")
 # How the loss weights each drafted offset j of a block (config field loss.position_weights;
@@ -22,6 +27,103 @@ POSITION_WEIGHTS = ("uniform", "streak", "geometric")
 # offset) still gives offsets past 0 a small, finite weight and the mean-1 scaling never divides
 # by 0.
 STREAK_ALPHA_FLOOR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Everything the distillation objective is set by: the `loss` section of a training config,
+    built and checked once (`from_config`) and passed whole to the train step and the loss.
+
+    kind: a divergence of `divergences.KINDS` (beta: jsd's mixture weight; lk_decay: lk's
+    weight exp(-lk_decay alpha)); temperature of both distributions. chunk_axis: how the LM
+    head is cut ("sequence": chunks of chunk_size positions, head-gradient adds in tiles of
+    vocab_tile columns; "vocab": tiles of vocab_tile columns). mask_mode / mask_eps: the
+    positions masked and scored (`masking`); draft_*: the drafted blocks of mask_mode
+    draft_blocks (block length draft_gamma, or U{draft_gamma..draft_gamma_max}; trailing masks;
+    also score the visible prefix / the trailing masks; the fraction of segments left to the
+    original masking). position_weights: how offsets of a drafted block weigh (`offset_weights`;
+    geometric_ratio, streak_ema). intersection_vocab: the student restricted to the TLI
+    intersection (`intersection_bias`).
+    """
+    kind: str = "kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    lk_decay: float = 1.0
+    chunk_axis: str = "sequence"
+    chunk_size: int = 256
+    vocab_tile: int = chunked_head.VOCAB_TILE
+    mask_mode: str = "original"
+    mask_eps: float = 1e-3
+    position_weights: str = "uniform"
+    geometric_ratio: float = 0.7
+    streak_ema: float = 0.9
+    draft_gamma: int = 4
+    draft_gamma_max: int = 0
+    draft_trailing: int = 4
+    draft_score_prefix: bool = False
+    draft_score_trailing: bool = False
+    draft_original_fraction: float = 0.0
+    intersection_vocab: bool = False
+
+    @classmethod
+    def from_config(cls, section) -> LossConfig:
+        """From a config's `loss` section (a ConfigDict or a dict); a ConfigError listing every
+        field that is wrong, unknown or does not fit with another."""
+        cfg, problems = cls.check(section)
+        if problems:
+            raise ConfigError("invalid loss config (fix these with --config.loss.FIELD=VALUE "
+                              "or in the config file):\n  " + "\n  ".join(problems))
+        return cfg
+
+    @classmethod
+    def check(cls, section) -> tuple[LossConfig, list[str]]:
+        """(the config of the known fields, every problem: unknown fields and `problems()`)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        given = dict(section)
+        unknown = [f"loss.{k} is not a loss setting (known: {', '.join(sorted(fields))})"
+                   for k in given if k not in fields]
+        cfg = cls(**{k: v for k, v in given.items() if k in fields})
+        return cfg, unknown + cfg.problems()
+
+    def problems(self) -> list[str]:
+        """Every choice, range and cross-field rule this config breaks (empty: none)."""
+        choices = {"kind": div.KINDS, "chunk_axis": CHUNK_AXES, "mask_mode": masking.MODES,
+                   "position_weights": POSITION_WEIGHTS, "intersection_vocab": (True, False),
+                   "draft_score_prefix": (True, False), "draft_score_trailing": (True, False)}
+        out = [f"loss.{k}={getattr(self, k)!r} is not one of {v}" for k, v in choices.items()
+               if getattr(self, k) not in v]
+        ranges = {"temperature": (lambda v: v > 0, "> 0"),
+                  "beta": (lambda v: 0 < v < 1 or self.kind != "jsd", "in (0, 1)"),
+                  "chunk_size": (lambda v: v > 0, "> 0"), "vocab_tile": (lambda v: v > 0, "> 0"),
+                  "mask_eps": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                  "lk_decay": (lambda v: v >= 0, ">= 0"),
+                  "geometric_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                  "streak_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                  "draft_gamma": (lambda v: v > 0, "> 0"),
+                  "draft_gamma_max": (lambda v: v >= 0, ">= 0 (0: always draft_gamma)"),
+                  "draft_trailing": (lambda v: v >= 0, ">= 0"),
+                  "draft_original_fraction": (lambda v: 0 <= v < 1, "in [0, 1)")}
+        for k, (ok, want) in ranges.items():
+            try:
+                good = ok(getattr(self, k))
+            except TypeError:
+                good = False
+            if not good:
+                out.append(f"loss.{k}={getattr(self, k)!r} must be {want}")
+        if self.position_weights != "uniform" and self.mask_mode != "draft_blocks":
+            out.append(f"loss.position_weights={self.position_weights} weights the offsets of a "
+                       f"drafted block: it needs loss.mask_mode=draft_blocks")
+        return out
+
+    @property
+    def block_offsets(self) -> int:
+        """The longest drafted block: how many offsets position weights cover."""
+        return max(int(self.draft_gamma), int(self.draft_gamma_max))
+
+    @property
+    def tracked_offsets(self) -> int:
+        """How many drafted offsets the train state tracks acceptance for (streak weights)."""
+        return self.block_offsets if self.position_weights == "streak" else 0
 
 
 def offset_weights(kind: str, acceptance_g: jax.Array | None, ratio: float, n_offsets: int
@@ -95,6 +197,18 @@ def distill_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax
     return (total, count, alpha_g) if n_offsets else (total, count)
 
 
+def config_loss(hidden_bld: jax.Array, head_dv: jax.Array, teacher_ids_blk: jax.Array,
+                teacher_logprobs_blk: jax.Array, loss_mask_bl: jax.Array, cfg: LossConfig, *,
+                weights_bl: jax.Array | None = None, offsets_bl: jax.Array | None = None,
+                vocab_bias_v: jax.Array | None = None):
+    """`distill_loss` as a LossConfig sets it (acceptance by offset when streak weights track it)."""
+    return distill_loss(hidden_bld, head_dv, teacher_ids_blk, teacher_logprobs_blk, loss_mask_bl,
+                        kind=cfg.kind, temperature=cfg.temperature, chunk_size=cfg.chunk_size,
+                        beta=cfg.beta, lk_decay=cfg.lk_decay, chunk_axis=cfg.chunk_axis,
+                        vocab_tile=cfg.vocab_tile, weights_bl=weights_bl, offsets_bl=offsets_bl,
+                        n_offsets=cfg.tracked_offsets, vocab_bias_v=vocab_bias_v)
+
+
 def _weighted_sums(logp, logq, mask_bl, weights_bl, offsets_bl, kind, beta, lk_decay,
                    n_offsets):
     """(sum of weight * divergence over the mask, acceptance sums by offset) of bucket
@@ -135,15 +249,14 @@ def intersection_bias(student_tokenizer: str, teacher_tokenizer: str | None, voc
     this bias (config field loss.intersection_vocab) fits exactly that distribution, so its
     acceptance alpha = sum min(p, q_I) is the one verification sees; without it the student also
     spends mass off the intersection that TLI throws away at drafting. The map is the one
-    `preprocess` aligned the records with (data_pipeline.alignment, via speculate's
-    VocabBridge), so every stored teacher id is inside it, and teacher mass outside it stays the
+    `preprocess` aligned the records with (data_pipeline.alignment.student_to_teacher, as
+    speculate's VocabBridge), so every stored teacher id is inside it, and teacher mass outside it stays the
     tail bucket as before (the tail's student side becomes the intersection minus S).
     """
     if not teacher_tokenizer:
         return None
-    from llada_jax.eval.vocab_bridge import VocabBridge
-
-    allowed = VocabBridge(student_tokenizer, teacher_tokenizer, "tli",
-                          student_vocab_size=vocab_size, teacher_vocab_size=2 ** 62,
-                          mask_token_id=mask_token_id).allowed
+    student = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(student_tokenizer))
+    teacher = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(teacher_tokenizer))
+    allowed = alignment.student_to_teacher(teacher, student, vocab_size, 2 ** 62) >= 0
+    allowed[mask_token_id] = False
     return jnp.where(jnp.asarray(allowed), 0.0, -jnp.inf).astype(jnp.float32)

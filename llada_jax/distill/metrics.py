@@ -9,16 +9,23 @@ student over the buckets S ∪ {tail} of `divergences.bucket_logprobs`:
 - kl: KL(p || q), the training loss at T = 1.
 Sums are taken per offset within the drafted block (see `masking.drafting_batch`) through the
 same sequence chunker as the loss (`chunked_head`: only the scored positions pass through the
-LM head), and returned as (sum, count) so hosts can add them.
+LM head), and returned as (sum, count) so hosts can add them. `evaluate_model` runs them over
+held-out batches: the function `train`'s periodic eval and `llada-jax eval` share.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from llada_jax.train import chunked_head
-from llada_jax.train import divergences as div
+from llada_jax.distill import chunked_head
+from llada_jax.distill import divergences as div
+from llada_jax.distill import masking
 
 METRICS = ("kl", "alpha_lower", "alpha_upper", "top1")
 
@@ -109,4 +116,40 @@ def summarize(sums: dict, gammas: tuple[int, ...]) -> dict:
             alpha = block[f"alpha_{bound}"]
             block[f"E_{bound}"] = None if alpha is None else expected_tokens_per_call(alpha, g)
         out[f"gamma={g}"] = block
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "gamma", "mask_token_id", "chunk_size"))
+def _metric_sums(graphdef, params, batch, seed, *, gamma: int, mask_token_id: int,
+                 chunk_size: int):
+    model = nnx.merge(graphdef, params)
+    noisy, offset = masking.drafting_batch(batch, jax.random.key(seed), gamma,
+                                           mask_token_id=mask_token_id)
+    hidden = model(noisy, positions_bl=batch["positions"], segment_ids_bl=batch["segment_ids"],
+                   return_hidden=True)
+    return drafter_metric_sums(hidden, model.lm_head_weight(), batch["teacher_ids"],
+                                       batch["teacher_logprobs"], offset, gamma=gamma,
+                                       chunk_size=chunk_size)
+
+
+def evaluate_model(model, batches, eval_config, *, max_batches: int | None = None) -> dict:
+    """Metric means of `model` over `batches` (an iterable of batch dicts, global arrays or
+    NumPy): `summarize` output plus 'overall' (offsets < max(gammas)) and the number of
+    scored positions; {} when there is no batch. eval_config: the config's `eval` section
+    (gammas, seed of the cut points, chunk_size)."""
+    graphdef, params = nnx.split(model)
+    gammas = tuple(eval_config.gammas)
+    gamma = max(gammas)
+    totals = None
+    for i, batch in enumerate(itertools.islice(batches, max_batches)):
+        sums = _metric_sums(graphdef, params, batch, eval_config.seed + i, gamma=gamma,
+                            mask_token_id=model.cfg.mask_token_id,
+                            chunk_size=eval_config.chunk_size)
+        sums = jax.device_get(sums)
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if totals is None:
+        return {}
+    out = summarize(totals, gammas)
+    out["overall"] = {k: v for k, v in out[f"gamma={gamma}"].items() if v is not None}
+    out["scored_positions"] = float(np.sum(totals["count"]))
     return out

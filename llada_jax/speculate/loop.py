@@ -1,4 +1,5 @@
-"""`llada-jax speculate`: LLaDA drafts, the causal teacher verifies, measured tokens per target call.
+"""Speculative decoding over prompts with the measures `llada-jax speculate` reports
+(commands/speculate.py): LLaDA drafts, the causal teacher verifies, measured tokens per target call.
 
     llada-jax speculate --drafter CKPT_or_HF --teacher CKPT_or_HF --prompts FILE \
         [--drafter-tokenizer DIR] [--teacher-tokenizer DIR] --gamma 4 --steps 1 \
@@ -16,22 +17,20 @@ it over the whole sequence at every call (`verify.RecomputeVerifier`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
 from llada_jax import reports
+from llada_jax.checkpoints import load_model
 from llada_jax.errors import SpeculateError
-from llada_jax.tokenizer_checks import student_kind_problem
-from llada_jax.eval import rejection
-from llada_jax.eval.draft import Drafter
-from llada_jax.eval.verify import VERIFIERS, make_verifier
-from llada_jax.eval.vocab_bridge import STRATEGIES, VocabBridge
+from llada_jax.speculate import rejection
+from llada_jax.speculate.draft import Drafter
+from llada_jax.speculate.verify import make_verifier
+from llada_jax.speculate.vocab_bridge import VocabBridge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,50 +147,19 @@ def summarize(rows: list[dict], blocks: list[tuple[int, int]]) -> dict:
     return out
 
 
-def write_tensorboard(results: dict, logdir: str) -> None:
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(logdir) as writer:
-        for i, row in enumerate(results["per_prompt"]):
-            for key in ("tokens_per_target_call", "mean_accepted_per_block", "teacher_tokens"):
-                writer.add_scalar(f"speculate/per_prompt/{key}", row[key], i)
-        for key, value in results["summary"].items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(f"speculate/{key}", value, 0)
-        for j, rate in enumerate(results["summary"]["acceptance_by_offset"]):
-            if rate is not None:
-                writer.add_scalar("speculate/acceptance_by_offset", rate, j)
-
-
-# ----------------------------------------------------------------------------- CLI / loading
-
-def prompts_from_records(data_dir: str, split: str, student_tokenizer: str,
-                         limit: int | None = None) -> list[str]:
-    """The prompt texts of a preprocessed split (its records' prompt tokens, decoded): held-out
-    prompts for measuring a drafter on the examples `eval` scores."""
-    from data_pipeline import alignment, records
-
-    vocab = alignment.Vocab.from_tokenizer(alignment.load_tokenizer(student_tokenizer))
-    source = records.open_split(data_dir, split)
-    out = []
-    for i in range(len(source) if limit is None else min(limit, len(source))):
-        ex = source[i]
-        raw = b"".join(vocab.id_bytes[t] or b"" for t in ex["tokens"][:int(ex["prompt_length"])])
-        out.append(raw.decode("utf-8", errors="replace"))
+def tensorboard_scalars(results: dict) -> list[tuple[str, float, int]]:
+    """(tag, value, step) triples of a run's measures (metrics_writer.write_scalars)."""
+    out = [(f"speculate/per_prompt/{key}", row[key], i)
+           for i, row in enumerate(results["per_prompt"])
+           for key in ("tokens_per_target_call", "mean_accepted_per_block", "teacher_tokens")]
+    out += [(f"speculate/{key}", value, 0) for key, value in results["summary"].items()
+            if isinstance(value, (int, float))]
+    out += [("speculate/acceptance_by_offset", rate, j)
+            for j, rate in enumerate(results["summary"]["acceptance_by_offset"]) if rate is not None]
     return out
 
 
-def load_lm(path: str, compute_dtype: str | None = None):
-    """A model from a params checkpoint, a train workdir or an HF directory; `compute_dtype`
-    overrides the config's (the teacher verifies in float32 by default, so that its greedy
-    choices are those of a float32 reference)."""
-    from llada_jax.checkpoints import load_model
-
-    model = load_model(path)[1]
-    if compute_dtype is not None:
-        model.cfg = model.cfg.replace(dtype=compute_dtype)
-    return model
-
+# ----------------------------------------------------------------------------- the run
 
 def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_length: int) -> None:
     for index, prompt in enumerate(prompts):
@@ -224,7 +192,7 @@ def _generation_eos(model_dir: str | None):
     return json.loads(path.read_text()).get("eos_token_id") if model_dir and path.is_file() else None
 
 
-def _tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
+def tokenizer_dir(given: str | None, model_dir: str, flag: str) -> str:
     path = pathlib.Path(given or model_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise SpeculateError(f"{path} holds no tokenizer (tokenizer.json): pass {flag} DIR")
@@ -240,12 +208,12 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
     """The subcommand as a function (demo, eval and bench call it); models may be passed in."""
     if not prompts:
         raise SpeculateError("no prompts to decode")
-    teacher = load_lm(teacher_path, teacher_dtype) if teacher_model is None else teacher_model
-    student = load_lm(drafter_path) if drafter_model is None else drafter_model
-    if problem := student_kind_problem(f"--drafter {drafter_path}", student.cfg):
-        raise SpeculateError(problem)
-    bridge = VocabBridge(_tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
-                         _tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
+    teacher = (load_model(teacher_path, compute_dtype=teacher_dtype, causal=True,
+                          role="--teacher")[1] if teacher_model is None else teacher_model)
+    student = (load_model(drafter_path, causal=False, role="--drafter")[1]
+               if drafter_model is None else drafter_model)
+    bridge = VocabBridge(tokenizer_dir(drafter_tokenizer, drafter_path, "--drafter-tokenizer"),
+                         tokenizer_dir(teacher_tokenizer, teacher_path, "--teacher-tokenizer"),
                          strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
@@ -261,102 +229,3 @@ def speculate(drafter_path: str, teacher_path: str, prompts: list[str], *, gamma
     return run_prompts(prompts, drafter, make_verifier(verifier, teacher, longest,
                                                        decoding.max_new_tokens),
                        bridge, decoding, stop_ids, seed)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """`eval --teacher`: the measured tokens per target call beside the α-predicted E(γ)."""
-    group = parser.add_argument_group("measured speculative decoding (optional)")
-    group.add_argument("--teacher", default=None, help="causal teacher checkpoint: also measure")
-    group.add_argument("--teacher-tokenizer", default=None, help="default: the --teacher dir")
-    group.add_argument("--drafter-tokenizer", default=None, help="default: the --ckpt dir")
-    group.add_argument("--speculate-prompts", type=int, default=32,
-                       help="held-out prompts (from the split's records) to decode")
-    group.add_argument("--speculate-new-tokens", type=int, default=32)
-
-
-def measured_for_eval(args: argparse.Namespace, drafter_model, results: dict) -> None:
-    """Adds E_measured_greedy / E_measured_sampled (T = 1, TLI) to each results['gamma=G']."""
-    drafter_tokenizer = _tokenizer_dir(args.drafter_tokenizer, args.ckpt, "--drafter-tokenizer")
-    prompts = prompts_from_records(args.data, args.split, drafter_tokenizer, args.speculate_prompts)
-    teacher = load_lm(args.teacher, "float32")
-    for gamma in args.gamma:
-        for name, greedy in (("greedy", True), ("sampled", False)):
-            summary = speculate(args.ckpt, args.teacher, prompts, gamma=gamma,
-                                decoding=Decoding(args.speculate_new_tokens, greedy=greedy),
-                                drafter_tokenizer=drafter_tokenizer,
-                                teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
-                                drafter_model=drafter_model, teacher_model=teacher)["summary"]
-            results[f"gamma={gamma}"][f"E_measured_{name}"] = summary["tokens_per_target_call"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", required=True, help="LLaDA: params checkpoint, workdir or HF dir")
-    parser.add_argument("--teacher", required=True, help="causal teacher checkpoint or HF dir")
-    parser.add_argument("--drafter-tokenizer", help="default: the --drafter directory")
-    parser.add_argument("--teacher-tokenizer", help="default: the --teacher directory")
-    parser.add_argument("--prompts", required=True, nargs="+",
-                        help="text (one prompt a line), .jsonl or .json with \"prompt\" fields")
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per block")
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps per block")
-    parser.add_argument("--trailing-masks", type=int, default=4,
-                        help="masks after the block (never filled): text goes on")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="tli")
-    parser.add_argument("--verifier", choices=VERIFIERS, default="cached",
-                        help="teacher with a KV cache, or rerun over the whole sequence per call")
-    parser.add_argument("--greedy", action="store_true", help="greedy teacher (the default)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample the teacher")
-    parser.add_argument("--draft-temperature", type=float, default=None,
-                        help="default: --temperature (0 = argmax drafts)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="teacher tokens per prompt")
-    parser.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="the teacher's compute dtype")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the JSON results here")
-    parser.add_argument("--tensorboard", default=None, help="also write scalars to this dir")
-
-
-def _check(args) -> list[str]:
-    problems = []
-    if args.greedy and args.temperature > 0:
-        problems.append("--greedy and --temperature > 0 contradict each other; pick one")
-    if args.temperature < 0 or (args.draft_temperature or 0) < 0:
-        problems.append("temperatures must be >= 0")
-    if args.gamma < 1 or not 1 <= args.steps <= args.gamma:
-        problems.append("need --gamma >= 1 and 1 <= --steps <= --gamma")
-    if args.max_new_tokens < 1 or args.trailing_masks < 0:
-        problems.append("need --max-new-tokens >= 1 and --trailing-masks >= 0")
-    return problems
-
-
-def run(args: argparse.Namespace) -> int:
-    from llada_jax.teacher.generate import GenerateError, read_prompts
-
-    problems = _check(args)
-    if problems:
-        print("speculate: " + "; ".join(problems), file=sys.stderr)
-        return 2
-    decoding = Decoding(args.max_new_tokens, greedy=args.temperature == 0,
-                        temperature=args.temperature or 1.0)
-    try:
-        prompts = list(read_prompts(args.prompts))[:args.max_prompts]
-        print(f"speculate: loading the teacher and the drafter, then {len(prompts)} prompt(s) "
-              f"(after one untimed warm-up)", file=sys.stderr, flush=True)
-        results = speculate(args.drafter, args.teacher, prompts, gamma=args.gamma,
-                            steps=args.steps, trailing_masks=args.trailing_masks,
-                            strategy=args.strategy, decoding=decoding,
-                            draft_temperature=args.draft_temperature,
-                            drafter_tokenizer=args.drafter_tokenizer,
-                            teacher_tokenizer=args.teacher_tokenizer, seed=args.seed,
-                            teacher_dtype=args.teacher_dtype,
-                            verifier=args.verifier)
-    except (SpeculateError, GenerateError, ValueError, FileNotFoundError) as err:
-        print(f"speculate: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    if args.tensorboard:
-        write_tensorboard(results, args.tensorboard)
-    print(json.dumps(results["summary"], indent=2))  # for programs; the table for people
-    print(reports.speculate_table(results["summary"]), file=sys.stderr)
-    return 0

@@ -1,8 +1,9 @@
-"""Metrics sinks: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL file, console.
+"""Metrics sinks: TensorBoard event files (tensorboardX, no TensorFlow) and a JSONL file.
 
-Only process 0 writes. Values arrive as plain Python floats, already reduced from (sum, count).
-A run resumed from step S first drops what an earlier run logged after S (it is replayed), so
-metrics.jsonl and the curves hold each step once.
+The one TensorBoard writer of the project: `MetricsLogger` (train's running metrics, process 0
+only) and `write_scalars` (the one-shot results of eval and speculate). Values arrive as plain
+Python floats, already reduced from (sum, count). A run resumed from step S first drops what an
+earlier run logged after S (it is replayed), so metrics.jsonl and the curves hold each step once.
 """
 
 from __future__ import annotations
@@ -10,8 +11,22 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Iterable
 
 import jax
+
+
+def _summary_writer(logdir: str | pathlib.Path, **options):
+    from tensorboardX import SummaryWriter  # imported lazily: only a process that writes needs it
+
+    return SummaryWriter(str(logdir), **options)
+
+
+def write_scalars(logdir: str | pathlib.Path, scalars: Iterable[tuple[str, float, int]]) -> None:
+    """(tag, value, step) triples into TensorBoard event files under `logdir`."""
+    with _summary_writer(logdir) as writer:
+        for tag, value, step in scalars:
+            writer.add_scalar(tag, value, step)
 
 
 class MetricsLogger:
@@ -22,12 +37,10 @@ class MetricsLogger:
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-
             self.workdir.mkdir(parents=True, exist_ok=True)
             # purge_step: TensorBoard hides the earlier events at steps >= it
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"),
-                                     purge_step=resume_step + 1 if resume_step else None)
+            self._tb = _summary_writer(self.workdir / "tensorboard",
+                                       purge_step=resume_step + 1 if resume_step else None)
             _drop_after(self.workdir / "metrics.jsonl", resume_step)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
 

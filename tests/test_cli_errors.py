@@ -96,7 +96,7 @@ CASES = [
     (["import-hf", "--hf-dir", "<HF>", "--out", "<PARAMS>"], ["already exists; choose a new checkpoint path"]),
     (["import-hf", "--hf-dir", "<HF>", "--out", "<TMP>/c", "--dtype", "fp8"], ["--dtype", "invalid choice"]),
     # export-hf
-    (["export-hf", "--ckpt", "/nonexistent", "--out", "<TMP>/e"], ["/nonexistent is neither a params checkpoint"]),
+    (["export-hf", "--ckpt", "/nonexistent", "--out", "<TMP>/e"], ["/nonexistent does not exist"]),
     (["export-hf", "--ckpt", "<FILE>", "--out", "<TMP>/e"], ["plain.txt is neither", "a workdir checkpoints/"]),
     (["export-hf", "--ckpt", "<PARAMS>", "--step", "2", "--out", "<TMP>/e"], ["--step picks a checkpoint of a train workdir"]),
     (["export-hf", "--ckpt", "<WORK>", "--step", "3", "--out", "<TMP>/e"], ["no checkpoint at step 3; it has [2, 4]"]),
@@ -123,7 +123,7 @@ CASES = [
     ([*TRAIN, "--bogus"], ["unrecognised argument '--bogus'"]),
     (["train", "--workdir", "<TMP>/w"], ["the following arguments are required: --config"]),
     # eval
-    (["eval", "--ckpt", "/nonexistent", "--data", "<DATA>"], ["/nonexistent is neither a params checkpoint"]),
+    (["eval", "--ckpt", "/nonexistent", "--data", "<DATA>"], ["/nonexistent does not exist"]),
     (["eval", "--ckpt", "<WORK>", "--data", "/nonexistent"], ["/nonexistent is not a dataset made by `llada-jax preprocess`"]),
     ([*EVAL, "--split", "test"], ["has no split 'test'", "['train', 'validation']"]),
     ([*EVAL, "--gamma", "four"], ["--gamma", "invalid int value"]),

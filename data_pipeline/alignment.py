@@ -64,11 +64,21 @@ def load_tokenizer(path: str) -> Tokenizer:
     path = fileio.local_copy(path)
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if os.path.isfile(file):
-        return Tokenizer.from_file(file)
+        try:
+            return Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise DataError(f"tokenizer {file!r} is not a tokenizer.json ({e}); pass the "
+                            f"tokenizer's directory or its tokenizer.json") from None
     if not os.path.isdir(path):
         raise DataError(f"tokenizer {path!r}: no such file or directory (local paths only)")
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        raise DataError(f"tokenizer {path!r}: the folder holds no tokenizer.json nor "
+                        f"tokenizer_config.json; pass the tokenizer's directory")
     from transformers import AutoTokenizer
-    hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"tokenizer {path!r} cannot be loaded: {e}") from None
     if not hasattr(hf, "backend_tokenizer"):
         raise DataError(f"tokenizer {path!r}: needs a fast (tokenizer.json) tokenizer")
     return hf.backend_tokenizer

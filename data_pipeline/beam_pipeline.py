@@ -146,6 +146,7 @@ def _set_num_tokens(final: str, tokens: dict[str, int]) -> None:
     with FileSystems.open(path) as f:
         metadata = json.loads(f.read().decode("utf-8"))
     metadata["num_tokens"] = {s: int(tokens.get(s, 0)) for s in records.SPLITS}
+    metadata[records.NUM_TOKENS_UNIT] = "tokens"
     with FileSystems.create(path) as f:
         f.write(json.dumps(metadata).encode("utf-8"))
 

@@ -12,3 +12,7 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A data file, record, tokenizer or dataset directory that cannot be used as given."""
+
+
+class OutputError(UserError):
+    """An output path that cannot be written: a read-only or missing place, the wrong kind."""

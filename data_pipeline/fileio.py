@@ -56,3 +56,38 @@ def local_copy(path: str) -> str:
             f.write(src.read())
     single = len(files) == 1 and files[0].path == path
     return os.path.join(local, os.path.basename(path)) if single else local
+
+
+def check_output(path: str, flag: str, *, kind: str) -> None:
+    """Refuses, before any work, an output `path` (given as `flag`) that cannot be written:
+    `kind` "dir" or "file" already existing as the other kind, a parent that is a file, or a
+    place where no file can be created (read-only, no permission). Bucket paths pass."""
+    from data_pipeline.errors import OutputError
+
+    if is_remote(path):
+        return
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "dir"):
+        raise OutputError(f"{flag} {path} is a {'folder' if os.path.isdir(path) else 'file'}; "
+                          f"{'a folder' if kind == 'dir' else 'a file name'} is expected")
+    place = os.path.abspath(path if kind == "dir" and os.path.isdir(path)
+                            else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise OutputError(f"{flag} {path}: {place} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write in {place} ({e.strerror}); choose "
+                          f"another place") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (on this host) still runs: its files are not litter yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 
 import grain
@@ -88,9 +89,26 @@ def read_metadata(data_dir: str) -> DatasetMeta:
                        m["alignment_mode"], {s: info.splits[s].num_examples for s in info.splits},
                        dict(m["options"]),
                        dict(m["special_tokens"]) if "special_tokens" in m else None,
-                       ({s: int(n) for s, n in m["num_tokens"].items()}
-                        if "num_tokens" in m else None),
-                       int(m.get("record_format", 1)))
+                       _num_tokens(data_dir, m), int(m.get("record_format", 1)))
+
+
+def _num_tokens(data_dir: str, metadata) -> dict[str, int] | None:
+    """Tokens per split. A dataset written before they were counted as tokens
+    (records.NUM_TOKENS_UNIT) holds the int32 bytes of its tokens on the local route: 4 each."""
+    if "num_tokens" not in metadata:
+        return None
+    counts = {s: int(n) for s, n in metadata["num_tokens"].items()}
+    if metadata.get(records.NUM_TOKENS_UNIT) == "tokens":
+        return counts
+    report_path = os.path.join(records.dataset_dir(data_dir), "report.json")
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            beam = json.load(f).get("beam_runner")
+    except (OSError, ValueError):
+        raise DataError(f"{data_dir} predates exact token counts and its report.json cannot be "
+                        f"read ({report_path}); re-run `llada-jax preprocess` with --overwrite"
+                        ) from None
+    return counts if beam else {s: n // 4 for s, n in counts.items()}
 
 
 def shard_problem(batch_size: int, num_shards: int, num_processes: int) -> str | None:

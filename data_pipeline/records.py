@@ -37,6 +37,9 @@ NAME = "teacher_targets"
 VERSION = "1.0.0"
 SPLITS = ("train", "validation")
 SHARD_BYTES = 256 << 20
+# Metadata key set with num_tokens since it counts tokens: before, the local route stored the
+# int32 bytes of the tokens (4 per token) there, Beam the tokens (loader.read_metadata).
+NUM_TOKENS_UNIT = "num_tokens_unit"
 
 # The record format (metadata key "record_format"; absent = 1): 1 stores teacher_ids and
 # teacher_logprobs as above; 2 (the default) stores them as codec.py encodes them. Both read back
@@ -121,11 +124,12 @@ class TeacherTargets(TeacherTargetsInfo, tfds.core.DatasetBuilder):
         writers = {s: _SplitWriter(self.data_dir, self.name, s) for s in SPLITS}
         num_tokens = dict.fromkeys(SPLITS, 0)
         for split, example in self._examples():
+            num_tokens[split] += len(example["tokens"])  # tokens, before encoding to bytes
             example = features.encode_example(stored(example, self._format))
             writers[split].write(serializer.serialize_example(example))
-            num_tokens[split] += len(example["tokens"])
         self.info.set_splits(splits_lib.SplitDict([w.close() for w in writers.values()]))
         self.info.metadata["num_tokens"] = num_tokens  # the trainer's step count needs it
+        self.info.metadata[NUM_TOKENS_UNIT] = "tokens"
         self._on_complete(self.data_dir, {s: w.count for s, w in writers.items()})
 
     def _as_dataset(self, *args, **kwargs):

@@ -194,6 +194,18 @@ def _check_causal(config_dir: pathlib.Path, causal: bool, role: str) -> None:
                           f"(masked-diffusion) checkpoint")
 
 
+def peek_config(path: str | pathlib.Path) -> ModelConfig | None:
+    """The ModelConfig of any checkpoint `load_model` reads, without reading its params (None
+    for a path that is no checkpoint: load_model says why)."""
+    path = pathlib.Path(path)
+    kind = checkpoint_kind(path)
+    if kind in ("params", "workdir", "hf"):
+        return ModelConfig.from_hf_config(json.loads((path / CONFIG_NAME).read_text()))
+    if kind == "step":
+        return load_config(path.parent.parent)
+    return None
+
+
 class TrainCheckpointer:
     """The train workdir's orbax CheckpointManager: state, data-iterator state and config.
 

@@ -9,10 +9,13 @@ the message goes to stderr and the exit code is 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
+from data_pipeline.fileio import check_output
+from llada_jax import platforms
 from llada_jax.errors import UserError
 
 # name -> (module, one-line help)
@@ -29,6 +32,26 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "onpolicy": ("llada_jax.commands.onpolicy", "offline training, then rounds of collect + train"),
 }
 
+# name -> the output flags (argparse dest, kind "dir" | "file") checked before any work starts.
+OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "preprocess": (("out", "dir"),),
+    "import-hf": (("out", "dir"),),
+    "export-hf": (("out", "dir"),),
+    "train": (("workdir", "dir"),),
+    "eval": (("out", "file"), ("tensorboard", "dir")),
+    "demo": (("out", "dir"),),
+    "generate-teacher": (("out", "file"), ("records", "dir")),
+    "speculate": (("out", "file"), ("tensorboard", "dir")),
+}
+# Errors of the place being written, not of this program: said in one line, like a UserError.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    for dest, kind in OUTPUTS.get(args.command, ()):
+        if getattr(args, dest, None):
+            check_output(getattr(args, dest), "--" + dest.replace("_", "-"), kind=kind)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -39,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
@@ -50,16 +73,27 @@ def main(argv: list[str] | None = None) -> int:
     # transformers serves tokenizers and configs here, without torch (not a dependency): its
     # "PyTorch was not found" advice at import is noise to a user of this CLI.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    platforms.choose()  # before any subcommand module starts JAX: no libtpu probe without a TPU
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args._module, "ACCEPTS_EXTRA", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")  # its own usage
     args.extra = extra
     try:
+        check_outputs(args)
         return int(args._module.run(args) or 0)
     except UserError as err:  # input to fix, not a bug: the message, no traceback
         print(f"llada-jax {args.command}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"llada-jax {args.command}: {err.filename or 'an output'}: {err.strerror} "
+              f"(free some space, or choose a place you can write)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (train saves on the first): no traceback
+        print(f"\nllada-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

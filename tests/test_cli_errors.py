@@ -33,11 +33,27 @@ def paths(tmp_path_factory):
     assert cli.main(["export-hf", "--ckpt", str(params), "--out", str(hf)]) == 0
     plain = root / "plain.txt"
     plain.write_text("not a checkpoint\n")
+    binary = root / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    truncated = root / "truncated.json"
+    truncated.write_text('[{"prompt": "a"}, {"prompt": "b')
+    broken_hf, trunc_hf, empty_dir = root / "broken_hf", root / "trunc_hf", root / "empty_dir"
+    for d in (broken_hf, trunc_hf, empty_dir):
+        d.mkdir()
+    (broken_hf / "config.json").write_text('{"d_model": 64,')
+    (broken_hf / "model.safetensors").write_bytes(b"")
+    (trunc_hf / "config.json").write_bytes((hf / "config.json").read_bytes())
+    (trunc_hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:5000])
+    syntax = root / "syntax.py"
+    syntax.write_text("def get_config(:\n    pass\n")
     return {"ROOT": str(root), "DUMP": str(root / "teacher.jsonl"), "DATA": data,
             "STOK": str(root / "tok" / "student"), "TTOK": str(root / "tok" / "teacher"),
             "PARAMS": str(params), "WORK": str(workdir), "STEP": str(workdir / "checkpoints" / "2"),
             "HF": str(hf), "FILE": str(plain), "PROMPTS": str(ASSETS / "prompts_eval.txt"),
-            "TEACHER": str(ASSETS / "teacher"), "TEACHER_TOK": str(ASSETS / "teacher_tokenizer")}
+            "TEACHER": str(ASSETS / "teacher"), "TEACHER_TOK": str(ASSETS / "teacher_tokenizer"),
+            "STUDENT": str(ASSETS / "student"), "STUDENT_TOK": str(ASSETS / "student_tokenizer"),
+            "BIN": str(binary), "TRUNC": str(truncated), "SYNTAX": str(syntax),
+            "BROKEN_HF": str(broken_hf), "TRUNC_HF": str(trunc_hf), "EMPTY_DIR": str(empty_dir)}
 
 
 def expand(argv, paths, tmp_path):
@@ -73,14 +89,14 @@ CASES = [
     ([*PRE[:-1], "sixty"], ["--max-length", "invalid int value"]),
     ([*PRE, "--bogus"], ["unrecognized arguments: --bogus"]),
     # import-hf
-    (["import-hf", "--hf-dir", "/nonexistent", "--out", "<TMP>/c"], ["/nonexistent has no config.json"]),
+    (["import-hf", "--hf-dir", "/nonexistent", "--out", "<TMP>/c"], ["/nonexistent does not exist or is not a directory"]),
     (["import-hf", "--hf-dir", "<PARAMS>", "--out", "<TMP>/c"], ["has neither model.safetensors.index.json nor model.safetensors"]),
     (["import-hf", "--hf-dir", "<HF>", "--out", "<TMP>/c", "--mesh", "fsdp:2"], ["bad mesh item 'fsdp:2'", "fsdp=4,tensor=2"]),
     (["import-hf", "--hf-dir", "<HF>", "--out", "<TMP>/c", "--mesh", "fsdp=3"], ["does not divide the 8 devices"]),
     (["import-hf", "--hf-dir", "<HF>", "--out", "<PARAMS>"], ["already exists; choose a new checkpoint path"]),
     (["import-hf", "--hf-dir", "<HF>", "--out", "<TMP>/c", "--dtype", "fp8"], ["--dtype", "invalid choice"]),
     # export-hf
-    (["export-hf", "--ckpt", "/nonexistent", "--out", "<TMP>/e"], ["/nonexistent is neither a params checkpoint"]),
+    (["export-hf", "--ckpt", "/nonexistent", "--out", "<TMP>/e"], ["/nonexistent does not exist"]),
     (["export-hf", "--ckpt", "<FILE>", "--out", "<TMP>/e"], ["plain.txt is neither", "a workdir checkpoints/"]),
     (["export-hf", "--ckpt", "<PARAMS>", "--step", "2", "--out", "<TMP>/e"], ["--step picks a checkpoint of a train workdir"]),
     (["export-hf", "--ckpt", "<WORK>", "--step", "3", "--out", "<TMP>/e"], ["no checkpoint at step 3; it has [2, 4]"]),
@@ -107,7 +123,7 @@ CASES = [
     ([*TRAIN, "--bogus"], ["unrecognised argument '--bogus'"]),
     (["train", "--workdir", "<TMP>/w"], ["the following arguments are required: --config"]),
     # eval
-    (["eval", "--ckpt", "/nonexistent", "--data", "<DATA>"], ["/nonexistent is neither a params checkpoint"]),
+    (["eval", "--ckpt", "/nonexistent", "--data", "<DATA>"], ["/nonexistent does not exist"]),
     (["eval", "--ckpt", "<WORK>", "--data", "/nonexistent"], ["/nonexistent is not a dataset made by `llada-jax preprocess`"]),
     ([*EVAL, "--split", "test"], ["has no split 'test'", "['train', 'validation']"]),
     ([*EVAL, "--gamma", "four"], ["--gamma", "invalid int value"]),
@@ -122,6 +138,50 @@ CASES = [
     ([*GEN[:6], "/nonexistent.txt", *GEN[7:]], ["prompts file /nonexistent.txt does not exist"]),
     ([*GEN, "--temperature", "-1"], ["--temperature >= 0"]),
     ([*GEN, "--greedy", "--temperature", "0.5"], ["contradict each other"]),
+    # vocabulary mismatch: a tokenizer or dataset that is not the model's
+    ([*GEN[:4], "<STUDENT_TOK>", *GEN[5:]], ["has 1536 ids but the teacher has vocab_size 2048"]),
+    (["eval", "--ckpt", "<STUDENT>", "--data", "<DATA>"], ["but --ckpt <STUDENT> has vocab_size 1536"]),
+    (["speculate", "--drafter", "<STUDENT>", "--teacher", "<TEACHER>", "--drafter-tokenizer",
+      "<TEACHER_TOK>", "--teacher-tokenizer", "<STUDENT_TOK>", "--prompts", "<PROMPTS>"],
+     ["has 2048 ids but the drafter has vocab_size 1536"]),
+    # a causal LLaMA where the LLaDA student belongs
+    ([*TRAIN, "--config.model.init=<TEACHER>"], ["model.init=<TEACHER> is a causal LLaMA model; the student must be a LLaDA"]),
+    (["eval", "--ckpt", "<TEACHER>", "--data", "<DATA>"], ["--ckpt <TEACHER> is a causal LLaMA model"]),
+    (["speculate", "--drafter", "<TEACHER>", "--teacher", "<TEACHER>", "--prompts", "<PROMPTS>"],
+     ["--drafter <TEACHER> is a causal LLaMA model"]),
+    # binary, truncated or wrong-kind inputs
+    ([*GEN[:6], "<BIN>", *GEN[7:]], ["prompts file <BIN> is not UTF-8 text"]),
+    ([*GEN[:6], "<TRUNC>", *GEN[7:]], ["<TRUNC>:1: not valid JSON"]),
+    ([*GEN[:6], "<ROOT>", *GEN[7:]], ["prompts file <ROOT> is a folder"]),
+    (["preprocess", "--input", "<ROOT>", *PRE[3:]], ["--input <ROOT> is a folder"]),
+    (["train", "--config", "<SYNTAX>", "--workdir", "<TMP>/w"], ["config file <SYNTAX>, line 1"]),
+    # an existing output, or one given as the wrong kind
+    ([*GEN[:-1], "<DUMP>"], ["--out <DUMP> already exists; pass --overwrite"]),
+    (["export-hf", "--ckpt", "<PARAMS>", "--out", "<TMP>/e", "--source-hf-dir", "/nonexistent"],
+     ["--source-hf-dir /nonexistent is not a directory"]),
+    (["export-hf", "--ckpt", "<PARAMS>", "--out", "<FILE>"], ["--out <FILE> is a file"]),
+    # unwritable outputs, checked before any work
+    ([*PRE[:4], "<FILE>/o", *PRE[5:]], ["--out <FILE>/o: <FILE> is a file, not a folder"]),
+    (["import-hf", "--hf-dir", "<HF>", "--out", "/proc/llada-out"], ["--out /proc/llada-out: cannot write in /proc"]),
+    ([*TRAIN[:4], "<FILE>"], ["--workdir <FILE> is a file; a folder is expected"]),
+    ([*EVAL, "--out", "<ROOT>"], ["--out <ROOT> is a folder; a file name is expected"]),
+    ([*GEN[:-1], "/proc/llada.jsonl"], ["--out /proc/llada.jsonl: cannot write in /proc"]),
+    (["speculate", "--drafter", "<STUDENT>", "--teacher", "<TEACHER>", "--prompts", "<PROMPTS>",
+      "--out", "/proc/x.json"], ["--out /proc/x.json: cannot write in /proc"]),
+    (["demo", "--out", "/proc/llada-demo"], ["--out /proc/llada-demo: cannot write in /proc"]),
+    # broken inputs
+    (["import-hf", "--hf-dir", "<BROKEN_HF>", "--out", "<TMP>/c"], ["config.json line 1: not valid JSON"]),
+    (["import-hf", "--hf-dir", "<TRUNC_HF>", "--out", "<TMP>/c"], ["model.safetensors is not a readable safetensors file"]),
+    ([*PRE[:6], "<BIN>", *PRE[7:]], ["binary.txt' is not a tokenizer.json"]),
+    ([*PRE[:6], "<EMPTY_DIR>", *PRE[7:]], ["holds no tokenizer.json nor tokenizer_config.json"]),
+    # ranges and flags
+    ([*PRE, "--validation-fraction", "2"], ["--validation-fraction 2.0 must be in [0, 1)"]),
+    (["export-hf", "--ckpt", "<WORK>", "--out", "<TMP>/e", "--max-shard-size", "0"], ["must be at least 1 byte"]),
+    (["demo", "--out", "<TMP>/d", "--compare-strategies", "--seeds", "0"], ["need --seeds >= 1"]),
+    (["demo", "--out", "<TMP>/d", "--rows", "original+kl"], ["add that flag"]),
+    (["demo", "--out", "<TMP>/d", "--compare-strategies", "--rows", "orignal+kl"], ["unknown --rows ['orignal+kl']"]),
+    ([*EVAL, "--seq-len", "8"], ["no response position was scored", "with --seq-len 8"]),
+    ([*EVAL, "--bogus"], ["usage: llada-jax eval", "unrecognized arguments: --bogus"]),
     # demo
     (["demo", "--out", "<TMP>/d", "--steps", "0"], ["--steps must be at least 1"]),
     (["demo", "--out", "<TMP>/d", "--mask-mode", "prefx_block"], ["--mask-mode", "invalid choice"]),

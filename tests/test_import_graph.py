@@ -25,6 +25,7 @@ STAGES = {
     "llada_jax.errors": 1.5, "llada_jax.sharding": 1.5, "llada_jax.runtime": 1.5,
     "llada_jax.metrics_writer": 1.5, "llada_jax.platforms": 1.5, "llada_jax.workdir_lock": 1.5,
     "llada_jax.tokenizer_checks": 1.5, "llada_jax.drafter_contract": 1.5,
+    "llada_jax.reports": 1.5,
     "llada_jax.model": 2.0, "llada_jax.checkpoints": 2.5,
     "llada_jax.distill": 3.0, "llada_jax.decode": 3.0,
     "llada_jax.train": 4.0, "llada_jax.eval": 4.0, "llada_jax.speculate": 4.0,
@@ -34,7 +35,7 @@ STAGES = {
 }
 BASE = ("llada_jax.errors", "llada_jax.sharding", "llada_jax.runtime", "llada_jax.metrics_writer",
         "llada_jax.platforms", "llada_jax.workdir_lock", "llada_jax.tokenizer_checks",
-        "llada_jax.drafter_contract")
+        "llada_jax.drafter_contract", "llada_jax.reports")
 
 
 def modules() -> dict[str, pathlib.Path]:

@@ -24,11 +24,13 @@ import shutil
 import sys
 import time
 
+from llada_jax import reports
 from llada_jax.errors import UserError
 from llada_jax.train.recipes import BASELINE, PER_STEPS, RECIPES
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "demo_assets"
 STRATEGIES = ("original", "masked_only", "prefix_block")
+SEEDS = 3  # --compare-strategies: seeds of the top rows
 SEQ_LEN, EVAL_BATCH = 96, 16  # rows of the training and held-out batches
 # --quick: (max prompts, answer tokens, steps) of a smoke run that still shows the KL fall.
 QUICK = (64, 12, 30)
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{CONFIRM_PROMPTS}")
     parser.add_argument("--rows", default=",".join(RECIPES),
                         help=f"--compare-strategies: comma-separated recipes ({', '.join(RECIPES)})")
-    parser.add_argument("--seeds", type=int, default=3,
+    parser.add_argument("--seeds", type=int, default=SEEDS,
                         help="--compare-strategies: seeds for the top rows (seed 0 for the rest)")
     parser.add_argument("--top", type=int, default=2,
                         help="--compare-strategies: how many of the best rows get all the seeds "
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     results = {config.loss.mask_mode: align_student(config, workdir)}
     (mode, result), = results.items()
     export_dir = export(workdir, out / "exported")
-    plot_curves(workdir / "metrics.jsonl", out / "curves.png")
+    reports.plot_curves(workdir / "metrics.jsonl", out / "curves.png")
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(before_after_table(result))
     print(f"\nmask mode {mode}; curves: {out / 'curves.png'}; total "
@@ -103,8 +105,19 @@ def check_arguments(args: argparse.Namespace) -> None:
              if getattr(args, name) is not None and getattr(args, name) < 1]
     if pathlib.Path(args.out).is_file():
         small.append(f"--out {args.out} is a file; pass a directory")
+    if args.seeds < 1 or args.top < 0:
+        small.append(f"need --seeds >= 1 and --top >= 0 (got {args.seeds}, {args.top})")
+    if not args.compare_strategies and (args.rows != ",".join(RECIPES) or args.seeds != SEEDS):
+        small.append("--rows and --seeds choose the runs of --compare-strategies; add that flag")
+    unknown = [n for n in _row_names(args.rows) if n not in RECIPES]
+    if unknown:  # before minutes of teacher and training work
+        small.append(f"unknown --rows {unknown}: choose from {', '.join(RECIPES)}")
     if small:
         raise UserError("; ".join(small))
+
+
+def _row_names(rows: str) -> list[str]:
+    return [n.strip() for n in rows.split(",") if n.strip()]
 
 
 def demo_overrides(data_dir: pathlib.Path, steps: int, mode: str | None,
@@ -171,11 +184,7 @@ def compare_recipes(args: argparse.Namespace, data_dir: pathlib.Path, out: pathl
     {recipe: [after metrics per seed]}, same data and steps for all."""
     from llada_jax.train import config as train_config
 
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        raise UserError(f"unknown --rows {unknown}: choose from "
-                         f"{', '.join(RECIPES)}")
+    names = _row_names(args.rows)  # checked by check_arguments
 
     def train(name, seed):
         overrides = demo_overrides(data_dir, args.steps, None, args.student) + list(
@@ -337,28 +346,3 @@ def recipe_table(rows: dict) -> str:
         lines.append(line + f" | {cell(runs, 'kl')} | {cell(runs, 'alpha_lower')} | "
                      f"{cell(runs, 'alpha_upper')} | {cell(runs, 'E_lower')}")
     return "\n".join(lines)
-
-
-def plot_curves(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
-    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train KL")
-    ax_loss.plot([r["step"] for r in evals], [r["kl"] for r in evals], "o-", label="held-out KL")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_title("loss")
-    ax_loss.legend()
-    for key in ("alpha_lower", "alpha_upper"):
-        ax_alpha.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
-    ax_alpha.set_xlabel("step")
-    ax_alpha.set_title("held-out acceptance α (γ = 4)")
-    ax_alpha.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

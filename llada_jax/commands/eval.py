@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 from data_pipeline import loader as data_loader
 from data_pipeline.loader import prompt_texts
-from llada_jax.checkpoints import load_model
+from llada_jax import reports
+from llada_jax.checkpoints import load_model, peek_config
 from llada_jax.errors import UserError
-from llada_jax.eval.evaluate import evaluate_split
+from llada_jax.eval.evaluate import check_data_fits, evaluate_split
 from llada_jax.metrics_writer import write_scalars
 from llada_jax.speculate.loop import Decoding, speculate, tokenizer_dir
 from llada_jax.train import config as train_config
@@ -73,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
              if value is not None and value < 1]
     if small:
         raise UserError("; ".join(small))
-    data_loader.read_metadata(args.data)  # the cheap checks first
+    meta = data_loader.read_metadata(args.data)  # the cheap checks first
+    if not (peek := peek_config(args.ckpt)) or not peek.causal:  # load_model names a causal one
+        check_data_fits(args.ckpt, args.data, meta)
+    print(f"eval: loading {args.ckpt}, then scoring split {args.split!r} "
+          f"({meta.num_examples.get(args.split, 0)} examples)", file=sys.stderr, flush=True)
     _, model = load_model(args.ckpt, causal=False, role="--ckpt")
     eval_config = train_config.default_config().eval
     eval_config.update(gammas=tuple(args.gamma), seed=args.seed)
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         measured_for_eval(args, model, results)
     text = json.dumps(results, indent=2)
-    print(text)
+    print(text)  # for programs; people read the table (stderr, as preprocess's summary)
+    print(reports.eval_table(results), file=sys.stderr)
     if args.out:
         pathlib.Path(args.out).write_text(text + "\n")
     if args.tensorboard:

@@ -10,7 +10,8 @@ A LLaDA checkpoint is written for LLaDAModelLM, an imported LLaMA one for LlamaF
 or one of its step dirs (`runs/llada8b/checkpoints/1200`).
 
 Writes sharded safetensors + model.safetensors.index.json + config.json, and copies the
-tokenizer, remote code (*.py) and other non-weight files of --source-hf-dir, so that
+tokenizer, remote code (*.py) and other non-weight files of --source-hf-dir; the project's own
+remote code fills in what the source lacks, so that
 `AutoModel.from_pretrained(out, trust_remote_code=True)` works. The drafter's serving contract
 (drafter_contract.json, which `train` writes into its workdir) comes along when --ckpt has one.
 """
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  + {drafter_contract.write(args.out, record).name}: γ {record.gamma}, "
               f"trailing masks {record.trailing_masks}, steps {record.steps}")
     if args.source_hf_dir is None:
-        print("note: no --source-hf-dir, so no tokenizer or remote-code files were copied; "
-              "AutoModel.from_pretrained(..., trust_remote_code=True) needs them", file=sys.stderr)
+        print("note: no --source-hf-dir, so no tokenizer files were copied (the model's remote "
+              "code was: it loads with trust_remote_code=True); pass the tokenizer's directory "
+              "as --source-hf-dir for AutoTokenizer.from_pretrained(out)", file=sys.stderr)
     return 0

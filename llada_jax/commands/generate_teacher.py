@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import jax
 
 from data_pipeline.convert import Options
+from data_pipeline.preprocess import report_dir
+from data_pipeline.report import human_summary
 from llada_jax import sharding
 from llada_jax.commands.train import add_distributed_arguments, initialize_distributed
 from llada_jax.errors import GenerateError, UserError
 from llada_jax.model import params
 from llada_jax.teacher import hosts
 from llada_jax.teacher.generate import Sampling, generate_teacher, load_teacher
-from llada_jax.teacher.prompts import read_prompts
+from llada_jax.teacher.prompts import nonempty, read_prompts
 from llada_jax.teacher.to_records import write_teacher_dataset
 
 
@@ -47,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="--records: max student tokens per example")
     parser.add_argument("--validation-fraction", type=float, default=0.05)
-    parser.add_argument("--overwrite", action="store_true", help="--records: rebuild DATA_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file, or rebuild --records DATA_DIR")
     add_distributed_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
@@ -78,9 +82,13 @@ def run(args: argparse.Namespace) -> int:
     mesh = sharding.make_mesh(sharding.parse_mesh_spec(args.mesh)) if args.mesh else None
     if args.records:
         return run_records(args, sampling, mesh)
+    if jax.process_index() == 0:
+        print(f"generate-teacher: loading {args.teacher}, then up to {args.max_new_tokens} "
+              f"tokens per prompt -> {args.out}", file=sys.stderr, flush=True)
     count = generate_teacher(args.teacher, args.tokenizer, args.prompts, args.out, sampling,
                              dtype=args.dtype, mesh=mesh, batch_size=args.batch_size,
-                             full_logits=args.full_logits, chat_template=args.chat_template)
+                             full_logits=args.full_logits, chat_template=args.chat_template,
+                             overwrite=args.overwrite)
     if jax.process_index() == 0:
         print(f"generate-teacher: wrote {count} records to {args.out}")
     return 0
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_records(args, sampling: Sampling, mesh) -> int:
     """generate-teacher --records (`run` has started the processes and made the mesh)."""
+    prompts = nonempty(read_prompts(args.prompts), args.prompts)  # before the teacher loads
     model, tokenizer = load_teacher(args.teacher, args.tokenizer, args.dtype, mesh)
     if jax.process_count() > 1:
         print(hosts.describe_share(model))
@@ -97,14 +106,21 @@ def run_records(args, sampling: Sampling, mesh) -> int:
                    record_format=args.record_format)
     try:
         report = write_teacher_dataset(
-                model, tokenizer, list(read_prompts(args.prompts)), args.records, opts, sampling,
+                model, tokenizer, prompts, args.records, opts, sampling,
                 batch_size=args.batch_size, overwrite=args.overwrite,
                 chat_template=args.chat_template, mesh=mesh)
     except UserError:
         raise
     except ValueError as e:  # the tokenizer libraries' own errors
         raise GenerateError(str(e)) from None
-    if report is not None:
-        print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
-                                                 "bytes_per_response_token") if k in report}, indent=2))
-    return 0
+    if report is None:
+        return 0
+    print(json.dumps({k: report[k] for k in ("read", "written", "skipped", "coverage",
+                                             "bytes_per_response_token") if k in report}, indent=2))
+    print(human_summary(report, report_dir(args.records, report)), file=sys.stderr)
+    if args.validation_fraction and report["written"] and \
+            not report["written_per_split"].get("validation"):
+        print(f"generate-teacher: no example landed in the validation split (--validation-"
+              f"fraction {args.validation_fraction} of {report['written']}); give more prompts "
+              f"or a larger fraction for a held-out eval", file=sys.stderr)
+    return 0 if report["written"] else 1

@@ -10,8 +10,7 @@ import sys
 
 from data_pipeline import placeholders, records
 from data_pipeline.convert import Options
-from data_pipeline.preprocess import BEAM_RUNNERS, preprocess
-from data_pipeline.reader import expand_inputs
+from data_pipeline.preprocess import BEAM_RUNNERS, checked_inputs, preprocess, report_dir
 from data_pipeline.report import human_summary
 
 
@@ -49,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = preprocess(
-        expand_inputs(args.input), args.out,
+        checked_inputs(args.input), args.out,
         Options(args.student_tokenizer, args.teacher_tokenizer, args.max_length, args.top_k,
                 args.teacher_vocab_size, args.overlength, args.validation_fraction,
                 placeholders.load_map(args.placeholders) if args.placeholders else None,
@@ -60,6 +59,5 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("read", "written", "skipped", "coverage",
                                       "bytes_per_response_token") if k in report}
     print(json.dumps(summary, indent=2))
-    print(human_summary(report, os.path.join(args.out, records.NAME, records.VERSION)),
-          file=sys.stderr)
+    print(human_summary(report, report_dir(args.out, report)), file=sys.stderr)
     return 0 if report["written"] else 1

@@ -18,7 +18,7 @@ import json
 import pathlib
 import sys
 
-from llada_jax import drafter_contract
+from llada_jax import drafter_contract, reports
 from llada_jax.errors import SpeculateError, UserError
 from llada_jax.metrics_writer import write_scalars
 from llada_jax.speculate.loop import DEFAULTS, Decoding, speculate, tensorboard_scalars
@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                         temperature=args.temperature or 1.0)
     try:
         prompts = list(read_prompts(args.prompts))[:args.max_prompts]
+        print(f"speculate: loading the teacher and the drafter, then {len(prompts)} prompt(s) "
+              f"(after one untimed warm-up)", file=sys.stderr, flush=True)
         results = speculate(args.drafter, args.teacher, prompts, gamma=args.gamma,
                             steps=args.steps, trailing_masks=args.trailing_masks,
                             strategy=args.strategy, decoding=decoding,
@@ -142,5 +144,6 @@ def run(args: argparse.Namespace) -> int:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.tensorboard:
         write_scalars(args.tensorboard, tensorboard_scalars(results))
-    print(json.dumps(results["summary"], indent=2))
+    print(json.dumps(results["summary"], indent=2))  # for programs; the table for people
+    print(reports.speculate_table(results["summary"]), file=sys.stderr)
     return 0

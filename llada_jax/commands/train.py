@@ -2,17 +2,21 @@
 
     llada-jax train --config tiny --workdir runs/tiny --config.data.dir=DATA
 
-Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM (or at the JAX
-preemption sync point on TPU) saves a checkpoint and exits 0.
+Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM or Ctrl-C (or
+at the JAX preemption sync point on TPU) saves a checkpoint and exits 0. One run per workdir (its
+.lock names the holder); the run ends with a summary and WORKDIR/curves.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 
-from llada_jax import runtime
+import jax
+
+from llada_jax import checkpoints, reports, runtime
 from llada_jax.train import config as train_config
-from llada_jax.train.trainer import Trainer
+from llada_jax.train.trainer import Trainer, workdir_lock
 
 ACCEPTS_EXTRA = True  # --config.a.b=v overrides
 
@@ -46,5 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = train_config.load_config(args.config, args.extra)  # validated before anything runs
     initialize_distributed(args)
-    Trainer(config, args.workdir, progress=not args.no_progress).fit()
+    with workdir_lock(args.workdir):  # before the trainer reads or compiles anything
+        trainer = Trainer(config, args.workdir, progress=not args.no_progress)
+        trainer.fit()
+    if jax.process_index() == 0:
+        workdir = pathlib.Path(args.workdir)
+        reports.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        step = trainer.checkpointer_latest
+        print(reports.train_summary(workdir, step, None if step is None else
+                                    str(workdir / checkpoints.STEPS_DIR / str(step))))
     return 0

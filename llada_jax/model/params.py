@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -140,7 +141,9 @@ class HFReader:
     def __init__(self, hf_dir: pathlib.Path, stack: contextlib.ExitStack):
         index = hf_dir / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no \"weight_map\" object; re-download it")
         elif (hf_dir / SINGLE_NAME).is_file():
             weight_map = None
         else:
@@ -149,7 +152,7 @@ class HFReader:
         missing = [f for f in files if not (hf_dir / f).is_file()]
         if missing:
             raise ConversionError(f"{index} names shard files that do not exist: {missing}")
-        self._handles = {f: stack.enter_context(safe_open(hf_dir / f, framework="numpy")) for f in files}
+        self._handles = {f: stack.enter_context(_open_safetensors(hf_dir / f)) for f in files}
         self.file_of = weight_map or {k: SINGLE_NAME for k in self._handles[SINGLE_NAME].keys()}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -159,7 +162,33 @@ class HFReader:
         return self._handles[self.file_of[name]].get_slice(name).get_dtype()
 
     def read(self, name: str) -> np.ndarray:
-        return self._handles[self.file_of[name]].get_tensor(name)
+        try:
+            return self._handles[self.file_of[name]].get_tensor(name)
+        except Exception as e:  # safetensors raises its own SafetensorError (not exported)
+            raise ConversionError(f"{self.file_of[name]}: tensor {name} cannot be read ({e}); "
+                                  f"the file is damaged or truncated: re-download it") from None
+
+
+def _open_safetensors(path: pathlib.Path):
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # SafetensorError: a header that does not parse or fit the file
+        raise ConversionError(f"{path} is not a readable safetensors file ({e}); it is damaged, "
+                              f"truncated or of another format: re-download it") from None
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON object file; a file that is not one is a ConversionError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path} is not text (binary data); re-download it") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix or "
+                              f"re-download it") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _check(reader: HFReader, layout: dict[str, Entry], model_type: str) -> list[str]:
@@ -197,9 +226,12 @@ def load_hf(hf_dir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None
         run_settings["dtype"] = compute_dtype
     hf_dir = pathlib.Path(hf_dir)
     config_path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise ConversionError(f"{hf_dir} does not exist or is not a directory; pass an HF LLaDA "
+                              f"or LLaMA model directory")
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json; is it an HF LLaDA or LLaMA model directory?")
-    cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text()), **run_settings)
+    cfg = ModelConfig.from_hf_config(read_json(config_path), **run_settings)
     with contextlib.ExitStack() as stack:
         reader = HFReader(hf_dir, stack)
         layout = hf_layout(cfg)
@@ -264,7 +296,10 @@ def parse_size(text: str) -> int:
         raise ConversionError(f"bad size {text!r}: write e.g. 5GB, 500MB or 2GiB")
     unit = (match.group(2) or "B").upper()
     power = " KMGT".index(unit[0]) if unit != "B" else 0
-    return int(float(match.group(1)) * (1024 if "I" in unit else 1000) ** power)
+    size = int(float(match.group(1)) * (1024 if "I" in unit else 1000) ** power)
+    if size < 1:
+        raise ConversionError(f"size {text!r} must be at least 1 byte: write e.g. 5GB")
+    return size
 
 
 def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
@@ -274,12 +309,18 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
 
     Tensors keep the params' dtype unless `dtype` is given. From `source_hf_dir` every file that is
     not weights or config.json is copied (tokenizer files, remote code *.py, generation config);
-    without one, the project's own remote code (`hf_remote/`) is. Either way
-    `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result.
+    the project's own remote code (`hf_remote/`) fills in any module config.json's auto_map
+    names that the source lacks (or all of them, without a source). Either way
+    `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` loads the result. Files get
+    the permissions the umask gives new files (0644 under umask 022), safetensors included.
     """
     out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"--out {out_dir} is a file; choose a new output directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} exists and is not empty; choose a new output directory")
+    if source_hf_dir is not None and not pathlib.Path(source_hf_dir).is_dir():
+        raise ConversionError(f"--source-hf-dir {source_hf_dir} is not a directory")  # before writing
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     out_dtype = DTYPES[dtype or cfg.param_dtype]
@@ -300,10 +341,29 @@ def save_hf(model: LLaDAModel, out_dir: str | pathlib.Path, *,
     _write_config(cfg, out_dir, dtype or cfg.param_dtype)
     if source_hf_dir is not None:
         _copy_support_files(pathlib.Path(source_hf_dir), out_dir)
-    else:  # the project's own remote code, which config.json's auto_map names
-        for code in sorted(HF_REMOTE_CODE.glob("*.py")):
-            shutil.copy2(code, out_dir / code.name)
+    for module in remote_code_missing(out_dir):  # what auto_map names, from the project's own
+        shutil.copy2(HF_REMOTE_CODE / module, out_dir / module)
+    _default_permissions(out_dir)
     return names
+
+
+def remote_code_missing(out_dir: pathlib.Path) -> list[str]:
+    """The remote-code files config.json's auto_map names that `out_dir` lacks and hf_remote/
+    has (config.json auto_map values look like "modeling_llada.LLaDAModelLM")."""
+    auto_map = json.loads((out_dir / "config.json").read_text()).get("auto_map") or {}
+    modules = {ref.split("--")[-1].rsplit(".", 1)[0] + ".py"
+               for ref in auto_map.values() if isinstance(ref, str)}
+    return sorted(m for m in modules if not (out_dir / m).is_file()
+                  and (HF_REMOTE_CODE / m).is_file())
+
+
+def _default_permissions(out_dir: pathlib.Path) -> None:
+    """0666 minus the umask for every file (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _plan_shards(layout: dict[str, Entry], itemsize: int, max_bytes: int) -> list[list[str]]:

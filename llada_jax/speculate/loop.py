@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from llada_jax import drafter_contract
+from llada_jax import drafter_contract, reports
 from llada_jax.checkpoints import load_model
 from llada_jax.errors import SpeculateError
 from llada_jax.speculate import rejection
@@ -123,7 +123,7 @@ def run_prompts(prompts: list[str], drafter: Drafter, verifier, bridge: VocabBri
     teacher_only(verifier, bridge.teacher_prompt(prompts[0]), decoding, stop_ids,
                  np.random.default_rng(seed))
     rows, all_blocks = [], []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(reports.progress(prompts, "speculate", "prompt")):
         t = time.perf_counter()
         spec = speculate_prompt(prompt, drafter, verifier, bridge, decoding, stop_ids,
                                 np.random.default_rng([seed, i]))
@@ -159,7 +159,7 @@ def summarize(rows: list[dict], blocks: list[tuple[int, int]]) -> dict:
     tokens, calls, seconds = total("teacher_tokens"), total("target_calls"), total("seconds")
     alone_tokens, alone_s = total("teacher_tokens", "teacher_only"), total("seconds", "teacher_only")
     stats = block_stats(blocks)
-    del stats["accepted_per_block"]
+    stats["accepted_length_histogram"] = reports.accepted_histogram(stats.pop("accepted_per_block"))
     out = {"prompts": len(rows), "teacher_tokens": tokens, "target_calls": calls,
            "tokens_per_target_call": tokens / calls, **stats,
            "drafter_forward_passes": total("drafter_forward_passes"),
@@ -194,6 +194,19 @@ def _check_prompts(prompts: list[str], bridge: VocabBridge, max_new: int, max_le
             raise SpeculateError(f"prompt {index} has {n} teacher tokens; with --max-new-tokens "
                                  f"{max_new} that passes the teacher's max_sequence_length "
                                  f"{max_length}: shorten it")
+
+
+def _check_vocabularies(bridge: VocabBridge, student_cfg, teacher_cfg, drafter_tok: str,
+                        teacher_tok: str) -> None:
+    """Each tokenizer must be its model's (swapped ones run to garbage without this)."""
+    from llada_jax.tokenizer_checks import vocab_problem
+
+    problems = [vocab_problem(f"the drafter tokenizer {drafter_tok}", len(bridge.student),
+                              student_cfg, "the drafter"),
+                vocab_problem(f"the teacher tokenizer {teacher_tok}", len(bridge.teacher_hf),
+                              teacher_cfg, "the teacher")]
+    if any(problems):
+        raise SpeculateError("; ".join(p for p in problems if p))
 
 
 def _generation_eos(model_dir: str | None):
@@ -240,6 +253,8 @@ def setup(drafter_path: str | None, teacher_path: str | None, prompts: list[str]
                          teacher_tokenizer, strategy, student_vocab_size=student.cfg.vocab_size,
                          teacher_vocab_size=teacher.cfg.vocab_size,
                          mask_token_id=student.cfg.mask_token_id)
+    _check_vocabularies(bridge, student.cfg, teacher.cfg, drafter_tokenizer or drafter_path,
+                        teacher_tokenizer or teacher_path)
     if on_served is not None:
         on_served(drafter_contract.served_contract(
             gamma=gamma, trailing_masks=trailing_masks, steps=steps,

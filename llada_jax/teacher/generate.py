@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llada_jax import reports
 from llada_jax import sharding
 from llada_jax.checkpoints import checkpoint_kind, load_model
 from llada_jax.decode.buckets import PROMPT_BUCKET
@@ -44,8 +45,9 @@ from llada_jax.decode.sampling import sample_next
 from llada_jax.errors import GenerateError, UserError
 from llada_jax.model.modeling import LLaDAModel
 from llada_jax.teacher import hosts
-from llada_jax.teacher.prompts import prompt_ids, read_prompts
+from llada_jax.teacher.prompts import nonempty, prompt_ids, read_prompts
 from llada_jax.teacher.seed_format import TokenText, checked_out_path, to_record, write_records
+from llada_jax.tokenizer_checks import vocab_problem
 
 TOP_K = 5
 
@@ -157,9 +159,8 @@ def generate_batches(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase, prom
     if not cfg.causal:
         raise GenerateError("the teacher checkpoint is not causal (config.json llada_jax.causal "
                             "is false); generate-teacher needs a causal LM")
-    if len(tokenizer) > cfg.vocab_size:
-        raise GenerateError(f"the tokenizer has {len(tokenizer)} ids but the teacher's vocab_size "
-                            f"is {cfg.vocab_size}: is --tokenizer the teacher's tokenizer?")
+    if problem := vocab_problem("--tokenizer", len(tokenizer), cfg, "the teacher"):
+        raise GenerateError(problem)
     model_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
     stop_ids = {i for i in (tokenizer.eos_token_id, *model_eos) if i is not None}
     pad_id = next((i for i in (tokenizer.pad_token_id, cfg.pad_token_id) if i is not None), 0)
@@ -220,17 +221,20 @@ def load_teacher(teacher: str | pathlib.Path, tokenizer_dir: str | pathlib.Path 
 def generate_teacher(teacher: str | pathlib.Path, tokenizer: str | pathlib.Path | None,
                      prompts: Sequence[str | pathlib.Path], out: str | pathlib.Path,
                      sampling: Sampling = Sampling(), *, dtype: str = "float32",
-                     mesh: jax.sharding.Mesh | None = None, **options) -> int:
+                     mesh: jax.sharding.Mesh | None = None, overwrite: bool = False,
+                     **options) -> int:
     """The subcommand as a function (the demo calls it); `options` go to generate_records.
-    Several processes: each generates its share and process 0 writes `out` (others return 0)."""
-    checked_out_path(out)
+    Several processes: each generates its share and process 0 writes `out` (others return 0).
+    An existing `out` is refused unless `overwrite`."""
+    checked_out_path(out, overwrite)
+    texts = nonempty(read_prompts(prompts), prompts)  # checked before the teacher loads
     model, tok = load_teacher(teacher, tokenizer, dtype, mesh)
     if jax.process_count() == 1:
-        return write_records(generate_records(model, tok, read_prompts(prompts), sampling,
-                                              mesh=mesh, **options), out)
+        records = generate_records(model, tok, texts, sampling, mesh=mesh, **options)
+        return write_records(reports.progress(records, "generate-teacher", "prompt", len(texts)),
+                             out)
     print(hosts.describe_share(model))
-    records = shared_records(model, tok, list(read_prompts(prompts)), sampling, mesh=mesh,
-                             **options)
+    records = shared_records(model, tok, texts, sampling, mesh=mesh, **options)
     if jax.process_index() == 0:
         return write_records(records, out)
     for _ in records:  # the other processes take part in every round

@@ -5,6 +5,7 @@ full_logits}]}`, streamed to a .jsonl or .json file."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Iterable
 
@@ -49,23 +50,36 @@ def to_record(prompt: str, row, tokenizer: PreTrainedTokenizerBase,
     return {"prompt": prompt, "response": response, "logits": entries}
 
 
-def checked_out_path(out_path: str | pathlib.Path) -> pathlib.Path:
+def checked_out_path(out_path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
     out_path = pathlib.Path(out_path)
     if out_path.suffix not in (".json", ".jsonl"):
         raise GenerateError(f"--out {out_path}: the name must end in .json or .jsonl")
+    if out_path.is_dir():
+        raise GenerateError(f"--out {out_path} is a folder; name the output file")
+    if out_path.exists() and not overwrite:
+        raise GenerateError(f"--out {out_path} already exists; pass --overwrite to replace it, "
+                            f"or choose another name")
     return out_path
 
 
 def write_records(records: Iterable[dict], out_path: str | pathlib.Path) -> int:
-    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count."""
+    """Streams records to a .jsonl (one per line) or .json (an array) file; returns the count.
+    They go to a temporary file next to it, renamed over `out_path` once complete: a killed
+    or failed run never leaves a partial file that looks like a finished one."""
     out_path = checked_out_path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out_path.suffix == ".jsonl"
     count = 0
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write("" if jsonl else "[\n")
-        for record in records:
-            f.write(("" if jsonl or not count else ",\n") + json.dumps(record) + ("\n" if jsonl else ""))
-            count += 1
-        f.write("" if jsonl else "\n]\n")
+    partial = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write("" if jsonl else "[\n")
+            for record in records:
+                f.write(("" if jsonl or not count else ",\n") + json.dumps(record)
+                        + ("\n" if jsonl else ""))
+                count += 1
+            f.write("" if jsonl else "\n]\n")
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return count

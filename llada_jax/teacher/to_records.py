@@ -20,6 +20,9 @@ process (shared storage such as GCS on a pod) to decide whether a finished datas
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -58,7 +61,8 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
                           overwrite: bool = False, **options) -> dict | None:
     """Generates for `prompts` (all of them: each process takes its share) and writes the
     dataset under `out`; the report dict on process 0, None on the others. `options`:
-    generate_batches's (chat_template, mesh)."""
+    generate_batches's (chat_template, mesh). A finished dataset in `out` is reused only if it
+    was made from the same prompts, teacher and decoding settings (`sources`)."""
     converter = preprocess.checked_converter(opts)
     count, rank = jax.process_count(), jax.process_index()
     prompts = list(prompts)
@@ -76,8 +80,23 @@ def write_teacher_dataset(model: LLaDAModel, tokenizer: PreTrainedTokenizerBase,
             yield from sorted(hosts.gather(local), key=lambda r: r.index)
 
     if rank == 0:
-        return preprocess.write_dataset(results, out, opts, converter, inputs=[SOURCE],
-                                        input_bytes=0, overwrite=overwrite)
+        return preprocess.write_dataset(
+                results, out, opts, converter, inputs=[SOURCE], input_bytes=0,
+                overwrite=overwrite, sources=sources(model, prompts, sampling, options))
     for _ in results():
         pass
     return None
+
+
+def sources(model: LLaDAModel, prompts: list[str], sampling: gen.Sampling, options: dict
+            ) -> dict:
+    """What the generated records depend on besides the converter's options: the prompts (a
+    hash), the teacher (its config) and the decoding settings."""
+    digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
+    teacher = hashlib.sha256(json.dumps(model.cfg.to_hf_config(), sort_keys=True).encode()
+                             ).hexdigest()[:16]
+    return {"generate_teacher": {"prompts": len(prompts), "prompts_sha256": digest,
+                                 "teacher_config_sha256": teacher,
+                                 "sampling": dataclasses.asdict(sampling),
+                                 "chat_template": bool(options.get("chat_template"))}}
+

@@ -17,6 +17,7 @@ before any data, checkpoint or device is touched.
 from __future__ import annotations
 
 import ast
+import difflib
 import dataclasses
 import importlib
 import importlib.resources
@@ -174,7 +175,11 @@ def _config_module(name: str):
                               f"config: {', '.join(shipped_configs())}")
         module_spec = importlib.util.spec_from_file_location(f"_llada_config_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as err:
+            raise ConfigError(f"config file {path}, line {err.lineno}: {err.msg}: "
+                              f"{(err.text or '').strip()!r}") from None
         return module
     if not name.isidentifier() or importlib.util.find_spec(f"{SHIPPED}.{name}") is None:
         raise ConfigError(f"--config {name}: no shipped config of that name; use one of "
@@ -188,7 +193,35 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module = _config_module(name)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config {name} defines no get_config()")
-    return module.get_config(variant) if variant else module.get_config()
+    config = module.get_config(variant) if variant else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config {name}: get_config() returned a {type(config).__name__}; it "
+                          f"must return a ConfigDict (start from default_config())")
+    if problems := field_problems(config, default_config()):
+        raise ConfigError(f"config {name} does not match the config schema (a typo is silently "
+                          f"a new field):\n  " + "\n  ".join(problems))
+    return config
+
+
+def field_problems(config, schema, prefix: str = "") -> list[str]:
+    """Fields of `config` that `schema` lacks (typos: `c.optim.lrr`), and sections it misses."""
+    problems = []
+    for key in config.keys():
+        name = prefix + key
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            problems.append(f"unknown config field {name!r}{hint} (known here: "
+                            f"{sorted(schema.keys())})")
+        elif isinstance(schema[key], ml_collections.ConfigDict):
+            if not isinstance(config[key], ml_collections.ConfigDict):
+                problems.append(f"{name} must be a section (ConfigDict), not {config[key]!r}")
+            else:
+                problems += field_problems(config[key], schema[key], name + ".")
+    problems += [f"config section {prefix + key!r} is missing (start from default_config())"
+                 for key in schema.keys() if key not in config
+                 and isinstance(schema[key], ml_collections.ConfigDict)]
+    return problems
 
 
 def _parse_value(text: str):

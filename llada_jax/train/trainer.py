@@ -3,15 +3,18 @@
 
     Trainer(config, workdir).fit()
 
-Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM (or at the JAX
-preemption sync point on TPU) saves a checkpoint and exits 0.
+Resumes from the latest checkpoint in `--workdir` without being asked; on SIGTERM or Ctrl-C
+(SIGINT), or at the JAX preemption sync point on TPU, saves a checkpoint and exits 0. One run per
+workdir: a second one is refused while the first holds WORKDIR/.lock (workdir_lock.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -27,13 +30,23 @@ from llada_jax.distill.metrics import evaluate_model
 from llada_jax.train import config as train_config
 from llada_jax.distill import loss as loss_lib
 from llada_jax.train import optim
+from llada_jax.train import run_checks
 from llada_jax.train import train_step
 from llada_jax.model.config import ModelConfig
 from llada_jax.errors import ConfigError
 from llada_jax.metrics_writer import MetricsLogger
+from llada_jax.tokenizer_checks import student_kind_problem
+from llada_jax.workdir_lock import WorkdirLock
+
+
+def workdir_lock(workdir) -> contextlib.AbstractContextManager:
+    """The workdir's lock, taken by process 0 (the one that writes config and metrics)."""
+    return WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
 
 class _Preemption:
-    """Turns SIGTERM into a flag the step loop checks (save, then exit 0).
+    """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the step loop checks (save, then
+    exit 0); a second Ctrl-C interrupts at once (KeyboardInterrupt: no checkpoint).
 
     Single process only: with several processes, hosts would see the signal at different steps,
     so there JAX's preemption service (which owns SIGTERM) names one sync step for all hosts,
@@ -41,13 +54,24 @@ class _Preemption:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = None  # the signal's name once one arrived
+        self.previous = {}
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nllada-jax train: Ctrl-C: saving a checkpoint after this step (Ctrl-C again "
+                  "to quit without one)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def estimate_total_steps(config: ml_collections.ConfigDict, num_train_tokens: float) -> int:
@@ -64,6 +88,9 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int, mask_to
     """The student's ModelConfig: from the init checkpoint, or the config's architecture."""
     m = config.model
     if m.init != "random":
+        stored = checkpoints.load_config(m.init)
+        if problem := student_kind_problem(f"model.init={m.init}", stored):
+            raise ConfigError(problem)
         cfg = checkpoints.load_config(m.init, **train_config.run_settings(config))
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model.init={m.init} has vocab_size {cfg.vocab_size} but the data "
@@ -90,6 +117,9 @@ class Trainer:
             config.data.global_batch_size, config.data.num_shards)
         mask_id, eos_id = self.meta.mask_and_eos_ids(config.model.mask_token)
         self.model_cfg = model_config_for(config, self.meta.student_vocab_size, mask_id, eos_id)
+        run_checks.check_resume_shape(self.workdir, self.model_cfg, config.model.init)
+        if config.model.init == "random":
+            run_checks.check_fits(self.model_cfg, jax.devices(), what="model.init=random")
         train_tokens = self.meta.num_tokens["train"]
         if train_tokens == 0:
             raise ConfigError(f"{config.data.dir}: split 'train' is empty; nothing to train on")
@@ -147,16 +177,22 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Trains to train.num_steps, or only to step `stop_at` (on-policy rounds train a
-        stretch at a time on one learning-rate schedule), and checkpoints there."""
+        stretch at a time on one learning-rate schedule), and checkpoints there; the workdir is
+        locked against a second run meanwhile."""
+        with workdir_lock(self.workdir):
+            return self._fit(stop_at)
+
+    def _fit(self, stop_at: int | None) -> dict | None:
         cfg = self.config
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        logger = MetricsLogger(self.workdir)
+        latest = self.checkpointer.latest_step()
+        # Metrics logged after the checkpoint being resumed are replayed: drop them.
+        logger = MetricsLogger(self.workdir, resume_step=latest or 0)
         if jax.process_index() == 0:  # makes the workdir loadable by eval / export-hf
             checkpoints.write_model_config(self.workdir, self.model_cfg)
             drafter_contract.write(self.workdir, self.contract())
         preemption = _Preemption()
         data_iter = self.make_iterator("train", shuffle=True, num_epochs=cfg.train.num_epochs)
-        latest = self.checkpointer.latest_step()
         if latest is not None:
             state = self.checkpointer.restore(
                 latest, sharding.with_shardings(self.abstract_state, self.state_sharding), data_iter)
@@ -164,6 +200,7 @@ class Trainer:
         else:
             state = self.initial_state()
         start = int(jax.device_get(state.step))
+        _say_if_no_eval(self.meta, cfg)
         if start == 0 and cfg.train.eval_every > 0:
             with jax.set_mesh(self.mesh), sharding.rules_context(self.rules):
                 self.log_eval(state, 0, logger)  # the "before" of every run
@@ -178,6 +215,7 @@ class Trainer:
                 while step < end:
                     batch = next(data_iter, None)
                     if batch is None:
+                        _say_data_ran_out(step, self.total_steps, cfg)
                         break
                     state, metrics = self.step_fn(state, self.to_global(batch), rng)
                     step += 1
@@ -193,8 +231,8 @@ class Trainer:
                     if stop or step % cfg.train.checkpoint_every == 0:
                         self.checkpointer.save(step, state, data_iter, cfg.to_dict())
                     if stop:
-                        print(f"llada-jax train: preempted (SIGTERM) at step {step}; "
-                              f"checkpoint saved, exiting")
+                        print(f"llada-jax train: preempted ({preemption.requested or 'TPU preemption notice'}) at "
+                              f"step {step}; checkpoint saved, exiting")
                         return last
                 if pending is not None:
                     last = window.add(*pending, bar=bar, logger=logger, schedule=self.schedule,
@@ -202,6 +240,8 @@ class Trainer:
                 if self.checkpointer.latest_step() != step:
                     self.checkpointer.save(step, state, data_iter, cfg.to_dict())
         finally:
+            preemption.restore()
+            self.checkpointer_latest = self.checkpointer.latest_step()
             self.checkpointer.close()
             logger.close()
             if bar is not None:
@@ -255,6 +295,26 @@ class _Window:
         logger.write(step, out)
         self.sums, self.steps, self.start_time = {}, 0, time.perf_counter()
         return out
+
+
+def _say_data_ran_out(step: int, total_steps: int, config: ml_collections.ConfigDict) -> None:
+    """Stopping short of the planned steps changes the run (its schedule was planned for
+    `total_steps`): say so, and how to get them all."""
+    if jax.process_index() != 0 or not config.train.num_steps:
+        return  # num_steps 0: the plan is from the data (a slight over-estimate), as asked
+    print(f"llada-jax train: the data ran out at step {step} of the {total_steps} planned "
+          f"(train.num_epochs={config.train.num_epochs} passes over the train split); the "
+          f"learning-rate schedule was planned for {total_steps} steps. Raise "
+          f"--config.train.num_epochs, or set --config.train.num_steps=0 to plan the steps from "
+          f"the data", file=sys.stderr)
+
+
+def _say_if_no_eval(meta: data_loader.DatasetMeta, config: ml_collections.ConfigDict) -> None:
+    split = config.data.eval_split
+    if config.train.eval_every and not meta.num_examples.get(split) and jax.process_index() == 0:
+        print(f"llada-jax train: split {split!r} of {config.data.dir} is empty, so no held-out "
+              f"eval runs; rebuild the data with --validation-fraction > 0 (and enough "
+              f"examples), or set --config.train.eval_every=0", file=sys.stderr)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

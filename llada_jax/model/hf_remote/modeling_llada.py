@@ -1,6 +1,7 @@
 """LLaDA for PyTorch / transformers (trust_remote_code), shipped with every llada-jax export.
 
-Written for llada-jax from the architecture (DESIGN.md, "The model"): pre-norm blocks with
+Written for llada-jax from the architecture of its JAX model (llada_jax/model/modeling.py in the
+llada-jax sources): pre-norm blocks with
 bidirectional multi-head attention (grouped key/value heads), half-split RoPE on absolute
 positions, RMSNorm computed in fp32, a SwiGLU MLP, and an LM head that is `ff_out` or, with
 weight_tying, the embedding matrix. Module names give the published state-dict keys

@@ -366,7 +366,8 @@ def test_compare_strategies_measures_selection_and_confirmation_prompts(tmp_path
     """`demo --compare-strategies` end to end on a small run: every run is measured on the
     first SPEC_PROMPTS held-out prompts and on the ones after them, and the table reports both."""
     from data_pipeline import records
-    from llada_jax import cli, demo
+    from llada_jax import cli
+    from llada_jax.commands import demo
 
     out = tmp_path / "cmp"
     assert cli.main(["demo", "--out", str(out), "--compare-strategies", "--max-prompts", "200",

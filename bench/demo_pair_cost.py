@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The demo pair's cost ratio: teacher vs drafter FLOPs per token position and wall clock per
-forward on this CPU (issue 24, item 7: the teacher must cost >= 8x the drafter per token).
+forward on this CPU (a demo pair that can show a speedup needs the teacher >= 8x the drafter per token).
 
     python bench/demo_pair_cost.py [--contexts 64 256] [--repeats 30]
 
@@ -94,7 +94,7 @@ def cached_step_ms(teacher, context: int, k: int, repeats: int) -> float:
 
 
 def draft_block_ms(drafter, context: int, repeats: int) -> tuple[int, float]:
-    """(positions encoded, ms) of today's draft-block call (no prefix cache) at `context`."""
+    """(positions encoded, ms) of the host loop's draft-block call (no prefix cache) at `context`."""
     rows = bucket(GAMMA, WIDTH_BUCKET)
     length = bucket(context + max(GAMMA + TRAILING, rows), LENGTH_BUCKET)
     graphdef, state = nnx.split(drafter)
@@ -132,7 +132,7 @@ def main() -> None:
         length, b_ms = draft_block_ms(drafter, context, args.repeats)
         print(f"{context} | teacher cached step k=1 (teacher alone: one per token), ms | "
               f"{k1_ms:.2f} | - | -")
-        print(f"{context} | teacher verify k={GAMMA + 1} vs today's drafter block call "
+        print(f"{context} | teacher verify k={GAMMA + 1} vs the host loop's drafter block call "
               f"({length} positions: no prefix cache), ms | {k5_ms:.2f} | {b_ms:.2f} | "
               f"{k5_ms / b_ms:.2f}x")
 

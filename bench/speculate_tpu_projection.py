@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Projected LLaDA-8B -> Llama-3.3-70B speculative speedup on TPU v5p and v6e, from the TPU
-compiler's own costs of the programs one block runs (issue 24, item 9).
+compiler's own costs of the programs one block runs.
 
     python bench/speculate_tpu_projection.py [--targets v5p-16 v6e-8] [--gamma 4] \
         [--trailing 4] [--steps 1] [--context 1024] [--tokens-per-call 1.47 2.3]

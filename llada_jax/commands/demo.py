@@ -152,6 +152,7 @@ def make_teacher_data(out: pathlib.Path, max_new_tokens: int, top_k: int,
     if fresh:  # a rerun in the same --out reuses the teacher's answers
         done.unlink(missing_ok=True)
         t = time.perf_counter()
+        _stage("[1/4] teacher: answering the demo prompts (full logits)...")
         teacher, tokenizer = load_teacher(ASSETS / "teacher", ASSETS / "teacher_tokenizer")
         prompts = itertools.islice(read_prompts([ASSETS / "prompts_train.txt",
                                                  ASSETS / "prompts_eval.txt"]), max_prompts)
@@ -241,14 +242,18 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
     prompts = prompt_texts(config.data.dir, "validation", str(ASSETS / "student_tokenizer"),
                                    SPEC_PROMPTS + (CONFIRM_PROMPTS if confirm else 0))
     prompts, confirm_prompts = prompts[:SPEC_PROMPTS], prompts[SPEC_PROMPTS:]
+    if before:
+        _stage(f"[3/4] before training: held-out metrics, speculative decoding on "
+               f"{len(prompts)} prompts (greedy, sampled) with the teacher-only baseline...")
     initial = (held_out(trainer.initial_state()) | measured(trainer.initial_state(), prompts)
                if before else {})
-    if config.onpolicy.rounds:  # the same trainer settings, in rounds (issue 25)
+    if config.onpolicy.rounds:  # the same trainer settings, in on-policy rounds
         from llada_jax.onpolicy.rounds import run_rounds
 
         trainer = run_rounds(config, workdir / "onpolicy", progress=sys.stderr.isatty())
     else:
         trainer.fit()
+    _stage("[3/4] after training: held-out metrics and speculative decoding again...")
     after = held_out(trainer.final_state) | measured(trainer.final_state, prompts)
     if confirm and not confirm_prompts:
         print(f"  no held-out prompts after the first {SPEC_PROMPTS}: the confirmation columns "
@@ -260,6 +265,11 @@ def align_student(config, workdir: pathlib.Path, before: bool = True, confirm: b
           f"{config.loss.position_weights}): {config.train.num_steps} steps in "
           f"{time.perf_counter() - t:.0f} s -> {workdir}")
     return {"before": initial, "after": after}
+
+
+def _stage(message: str) -> None:
+    """A phase starts: one line on stderr now, so a long phase is never silent."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def measure_speculative(drafter, teacher, prompts: list[str]) -> dict:
@@ -284,6 +294,7 @@ def export(workdir: pathlib.Path, export_dir: pathlib.Path) -> pathlib.Path:
     from llada_jax.checkpoints import load_model
     from llada_jax.model.params import save_hf
 
+    _stage("[4/4] export-hf: writing safetensors...")
     _, model = load_model(workdir)
     shutil.rmtree(export_dir, ignore_errors=True)
     save_hf(model, export_dir, source_hf_dir=None)

@@ -1,1 +1,1 @@
-"""On-policy training of the drafter (issue 25): records from its own drafts, rounds."""
+"""On-policy training of the drafter: records from its own drafts, scored by the verifier, in rounds."""

@@ -34,7 +34,7 @@ RECIPES = {
     "draft_blocks_dense+lk+streak": _DENSE + _STREAK + ("--config.loss.kind=lk",),
     "draft_blocks_mixed+kl": _MIXED + ("--config.loss.kind=kl",),
     "draft_blocks_mixed+lk+streak": _MIXED + _STREAK + ("--config.loss.kind=lk",),
-    # issue 25: the same updates, the last half as 2 on-policy rounds (llada_jax/onpolicy):
+    # The same updates, the last half as 2 on-policy rounds (llada_jax/onpolicy):
     # --steps S = S/2 offline + 2 x S/4 on the offline data mixed 1:1 with the rounds' records
     # (128 training prompts a round, decoded as the measurement decodes, sampled at T = 1; the
     # demo names its teacher, onpolicy.teacher).

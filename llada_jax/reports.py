@@ -70,7 +70,7 @@ def train_summary(workdir: pathlib.Path, last_step: int | None, checkpoint: str 
     """The last logged losses and held-out metrics of metrics.jsonl, and where things are."""
     rows = _metrics(workdir / "metrics.jsonl")
     train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
+    evals = _scored_evals(rows)
     lines = [f"llada-jax train: done at step {last_step}"]
     if train:
         tail = train[-3:]
@@ -84,6 +84,11 @@ def train_summary(workdir: pathlib.Path, last_step: int | None, checkpoint: str 
     lines.append(f"  checkpoint: {checkpoint or 'none'}; metrics: {workdir / 'metrics.jsonl'}; "
                  f"curves: {workdir / 'curves.png'}")
     return "\n".join(lines)
+
+
+def _scored_evals(rows: list[dict]) -> list[dict]:
+    """The held-out rows with metrics (an eval that scored no position logs none)."""
+    return [r for r in rows if r["split"] == "eval" and "kl" in r]
 
 
 def _metrics(path: pathlib.Path) -> list[dict]:
@@ -107,7 +112,7 @@ def plot_curves(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
 
     rows = _metrics(metrics_path)
     train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
+    evals = _scored_evals(rows)
     fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train KL")
     ax_loss.plot([r["step"] for r in evals], [r["kl"] for r in evals], "o-", label="held-out KL")

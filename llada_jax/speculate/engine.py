@@ -278,6 +278,8 @@ class SpeculativeEngine:
         graphdef, state = nnx.split(model)
         if self.mesh is not None:
             state = jax.device_put(state, sharding.param_shardings(state, self.mesh, self.rules))
+        else:  # one device for both models (a trainer may hand over params sharded over a mesh)
+            state = jax.device_put(state, jax.local_devices()[0])
         return graphdef, state
 
     def _tables(self, bridge):

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -103,6 +104,27 @@ def rules_context(rules: Rules) -> Iterator[None]:
     """Makes `rules` the ones `constrain` (and flax's logical-axis helpers) use."""
     with flax_spmd.logical_axis_rules(tuple(rules)):
         yield
+
+
+def mesh_context(mesh: Mesh | None, rules: Rules):
+    """`mesh` and `rules` in force (a null context without a mesh): how a jitted step is run."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(rules_context(rules))
+    return stack
+
+
+def put_replicated(x, mesh: Mesh | None) -> jax.Array:
+    """A host array as a step's input: a copy (the caller may change its array in place),
+    replicated over `mesh` as a global array (what a multi-process mesh needs), or on the default
+    device without one."""
+    x = np.array(x)
+    if mesh is None:
+        return jax.numpy.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()),
+                                        lambda index: x[index])
 
 
 def spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules: Rules,

@@ -101,3 +101,17 @@ def write_llama_teacher(root: pathlib.Path, seed: int = 3, vocab_multiple: int =
     write_llama_dir(root, config, "4.x", seed=seed)
     hf_tok.save_pretrained(str(root))
     return root, hf_tok
+
+
+def hf_greedy(hf_dir: pathlib.Path, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy `generate` continuation (ids after the prompt) of each prompt:
+    the reference speculative decoding must equal (eos 2 and pad 1, as write_llama_teacher)."""
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, eos_token_id=2, pad_token_id=1)
+        out.append(tokens[0, ids.shape[1]:].tolist())
+    return out

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from scipy import stats
-from transformers import LlamaForCausalLM
+from llama_fixtures import hf_greedy
 
 from llada_jax import sharding
 from llada_jax.checkpoints import load_model
@@ -167,14 +166,7 @@ def test_hf_llama_teacher_equals_transformers_generate(llama_teacher):
     the TLI bridge with the prefix cache: transformers' greedy generate, token for token."""
     hf_dir, tok = llama_teacher
     prompts, new = ["the cat sat", "a quick brown fox jumps over", "dog"], 20
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    want = []
-    for prompt in prompts:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=new, eos_token_id=2, pad_token_id=1)
-        want.append(out[0, ids.shape[1]:].tolist())
+    want = hf_greedy(hf_dir, tok, prompts, new)
     results = sp.speculate(None, str(hf_dir), prompts, gamma=4, decoding=sp.Decoding(new),
                            drafter_tokenizer=STUDENT_TOK, drafter_model=_student(),
                            teacher_model=load_model(hf_dir, compute_dtype="float32")[1],

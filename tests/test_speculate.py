@@ -12,9 +12,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-import torch
 from scipy import stats
-from transformers import LlamaForCausalLM
+from llama_fixtures import hf_greedy
 
 from llada_jax.checkpoints import load_model
 from llada_jax.commands.demo import ASSETS
@@ -192,14 +191,7 @@ def test_hf_llama_teacher_greedy_equals_transformers_generate(llama_teacher, tea
     student's tokenizer: the output is transformers' own greedy generate, token for token."""
     hf_dir, tok = llama_teacher
     prompts, new = ["the cat sat", "a quick brown fox jumps over", "dog"], 20
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    want = []
-    for prompt in prompts:
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=new, eos_token_id=2, pad_token_id=1)
-        want.append(out[0, ids.shape[1]:].tolist())
+    want = hf_greedy(hf_dir, tok, prompts, new)
     llama = load_model(hf_dir, compute_dtype="float32")[1]
     for gamma in (1, 4, 8):
         results = sp.speculate(None, str(hf_dir), prompts, gamma=gamma, strategy=strategy,

@@ -23,14 +23,12 @@ updated in place.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llada_jax import sharding
 from llada_jax.model.modeling import KVCache, LLaDAModel, init_cache
@@ -71,23 +69,12 @@ class CachedLM:
 
     def mesh_context(self):
         """The mesh and rules the step runs under (a null context without a mesh)."""
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(sharding.rules_context(self.rules))
-        return stack
+        return sharding.mesh_context(self.mesh, self.rules)
 
     def put(self, x) -> jax.Array:
-        """A host array as the step's input: replicated over the mesh (a global array, as a
-        multi-process mesh needs), or on the default device; a jax.Array passes as it is."""
-        if isinstance(x, jax.Array):
-            return x
-        x = np.array(x)  # a copy: the caller may change its array in place (self._slots)
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()),
-                                            lambda index: x[index])
+        """A host array as the step's input (sharding.put_replicated); a jax.Array passes as
+        it is."""
+        return x if isinstance(x, jax.Array) else sharding.put_replicated(x, self.mesh)
 
     def prefill(self, tokens_bw, pad_b) -> jax.Array:
         """Starts every row afresh from a left-padded prompt (row b's tokens at columns

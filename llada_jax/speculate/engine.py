@@ -23,7 +23,6 @@ values: refreshed by a full forward every `refresh_every` blocks or once the pre
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from llada_jax import sharding
 from llada_jax.errors import SpeculateError
@@ -298,20 +297,11 @@ class SpeculativeEngine:
         return self.put(to_teacher), self.put(allowed)
 
     def mesh_context(self):
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(sharding.rules_context(self.rules))
-        return stack
+        return sharding.mesh_context(self.mesh, self.rules)
 
     def put(self, x) -> jax.Array:
         """A host array, replicated over the mesh (or on the default device)."""
-        x = np.array(x)
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()),
-                                            lambda index: x[index])
+        return sharding.put_replicated(x, self.mesh)
 
     # ------------------------------------------------------------------ plan and compile
     def _plan(self, rows: list[_Row]) -> None:
@@ -444,18 +434,23 @@ class SpeculativeEngine:
         """Speculative decoding of every prompt (texts, or teacher ids for an IdBridge): per
         prompt its teacher ids, blocks (proposed, accepted), target calls and seconds (its
         batch's decoding time over its rows; compilation happens before, in _plan)."""
+        return self._timed(prompts, self.s.seed, self._decode, lambda r: {
+            "ids": r.out, "blocks": r.blocks, "target_calls": len(r.blocks),
+            "drafter_forward_passes": self.s.steps * len(r.blocks)})
+
+    def _timed(self, prompts, seed: int, decode, result) -> list[dict]:
+        """`decode(rows, key)` over the batches of `prompts` after every shape is compiled
+        (_plan); per prompt `result(row)` and the seconds of its batch over its rows."""
         rows = self._start(prompts)
         self._plan(rows)
-        key = jax.random.key(self.s.seed)
+        key = jax.random.key(seed)
         results = []
         for batch, padded in self._batches(rows):
             key, sub = jax.random.split(key)
             t = time.perf_counter()
-            self._decode(padded, sub)
+            decode(padded, sub)
             seconds = (time.perf_counter() - t) / len(batch)
-            results += [{"ids": r.out, "blocks": r.blocks, "target_calls": len(r.blocks),
-                         "drafter_forward_passes": self.s.steps * len(r.blocks),
-                         "seconds": seconds} for r in batch]
+            results += [{**result(r), "seconds": seconds} for r in batch]
         return results
 
     def _decode(self, rows: list[_Row], key) -> None:
@@ -527,18 +522,8 @@ class SpeculativeEngine:
     def teacher_only(self, prompts) -> list[dict]:
         """The fair baseline: the teacher alone in this engine (batched, compiled, one cached
         k = 1 step per token, the same buckets). Per prompt: ids, target_calls, seconds."""
-        rows = self._start(prompts)
-        self._plan(rows)
-        key = jax.random.key(self.s.seed + 1)
-        results = []
-        for batch, padded in self._batches(rows):
-            key, sub = jax.random.split(key)
-            t = time.perf_counter()
-            self._decode_alone(padded, sub)
-            seconds = (time.perf_counter() - t) / len(batch)
-            results += [{"ids": r.out, "target_calls": len(r.out), "seconds": seconds}
-                        for r in batch]
-        return results
+        return self._timed(prompts, self.s.seed + 1, self._decode_alone,
+                           lambda r: {"ids": r.out, "target_calls": len(r.out)})
 
     def _decode_alone(self, rows: list[_Row], key) -> None:
         last = self._prefill_batch(rows)
